@@ -1,0 +1,1 @@
+"""Text corpora, vocabularies, language-model batching and classification datasets."""

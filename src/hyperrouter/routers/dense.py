@@ -1,0 +1,59 @@
+"""`dense` router: every token uses every expert (the reference's "all experts" evaluation)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from hyperrouter.errors import HyperRouterError
+from hyperrouter.routers.base import Router, Routing, build_router, register_router
+
+WEIGHTINGS = ("softmax", "uniform")
+
+
+@register_router("dense")
+class DenseRouter(Router):
+    """All E experts per token, weighted by the full softmax of an underlying router's logits
+    (`weighting="softmax"`, the default; `base` names that router, `base_options` its options) or
+    uniformly 1/E (`weighting="uniform"`, no router parameters at all). top_k is ignored."""
+
+    uses_all_experts: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        base: str = "smoe",
+        weighting: str = "softmax",
+        base_options: dict | None = None,
+    ) -> None:
+        super().__init__(d_model, num_experts)
+        if weighting not in WEIGHTINGS:
+            raise HyperRouterError(
+                f"unknown weighting {weighting!r} for router 'dense'; "
+                f"valid: {', '.join(WEIGHTINGS)}"
+            )
+        if base == "dense":
+            raise HyperRouterError("router 'dense' needs a base router other than 'dense'")
+        self.weighting = weighting
+        self.base = (
+            build_router(base, d_model, num_experts, **(base_options or {}))
+            if weighting == "softmax"
+            else None
+        )
+
+    def compute_logits(self, x_TD: Tensor) -> Tensor:
+        if self.base is None:
+            return x_TD.new_zeros(x_TD.shape[0], self.num_experts, dtype=torch.float32)
+        return self.base.compute_logits(x_TD)
+
+    def forward(self, x_TD: Tensor, top_k: int) -> Routing:
+        logits_TE = self.compute_logits(x_TD)
+        num_tokens = x_TD.shape[0]
+        ids_TE = torch.arange(self.num_experts, device=x_TD.device).expand(num_tokens, -1)
+        weights_TE = torch.softmax(logits_TE.float(), dim=-1)
+        aux = self.base.aux_losses(logits_TE, ids_TE) if self.base is not None else {}
+        return Routing(ids_TE, weights_TE, logits_TE, aux)

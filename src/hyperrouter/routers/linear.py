@@ -1,0 +1,51 @@
+"""Linear routers: trainable `smoe` and the frozen random `smoe_dropout` (SMoE-Dropout)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from hyperrouter.routers.base import Router, freeze_, init_linear_, register_router
+
+
+@register_router("smoe")
+class LinearRouter(Router):
+    """Trainable Linear(d_model, E) router: top-k over logits, softmax over the k selected logits.
+
+    Optional Switch balance loss and router z-loss (weights default 0, as in the reference).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        bias: bool = True,
+        init_std: float = 0.02,
+        balance_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__(
+            d_model,
+            num_experts,
+            balance_loss_weight=balance_loss_weight,
+            z_loss_weight=z_loss_weight,
+        )
+        self.gate = nn.Linear(d_model, num_experts, bias=bias)
+        init_linear_(self.gate, init_std)
+
+    def compute_logits(self, x_TD: Tensor) -> Tensor:
+        return self.gate(x_TD)
+
+
+@register_router("smoe_dropout")
+class RandomFrozenRouter(LinearRouter):
+    """SMoE-Dropout: the linear router, initialised N(0, init_std) with zero bias, then frozen.
+
+    Combine with a growing top-k schedule (hyperrouter.moe.schedules) during training.
+    """
+
+    def __init__(
+        self, d_model: int, num_experts: int, *, bias: bool = True, init_std: float = 0.02
+    ) -> None:
+        super().__init__(d_model, num_experts, bias=bias, init_std=init_std)
+        freeze_(self.gate)
