@@ -349,3 +349,25 @@ def test_bad_input_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="activation"):
         MoE(D, E, H, activation="tanh")
     assert isinstance(HyperRouterError("x"), ValueError)
+
+
+@pytest.mark.parametrize("backend", ["grouped", "dense"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_hand_written_backward_passes_gradcheck_with_dropout(backend: str, activation: str) -> None:
+    """The expert loop's backward (incl. dropout masks) against finite differences, in float64."""
+    torch.manual_seed(6)
+    layer = MoE(6, 4, 5, 2, router="smoe", activation=activation, dropout=0.3).double().train()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(0.0, 0.5)
+    params = trainable_parameters(layer)
+
+    def fn(x, *weights):
+        torch.manual_seed(123)  # the same dropout masks on every evaluation
+        with torch.nn.utils.stateless._reparametrize_module(
+            layer, dict(zip([n for n, p in layer.named_parameters() if p.requires_grad], weights))
+        ):
+            return layer(x, backend=backend)
+
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)

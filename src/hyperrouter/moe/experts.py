@@ -4,20 +4,26 @@ Every backend takes the same weights and the same routing and returns the same r
 
     out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])
 
-- `reference`: a readable loop over experts with boolean masks, plain autograd. The yardstick.
-- `grouped`:   stable argsort of the (token, slot) pairs by expert, one gather, a grouped matmul
-               per linear layer (torch._grouped_mm where it is fast, else one GEMM per expert with
-               a hand-written backward), a gather back and a weighted sum over the k slots. Every
-               step is a gather (no scatter-add), so results are deterministic on every device.
-- `grouped_mm`: the grouped path forced onto torch._grouped_mm (for comparison).
-- `dense`:     every expert on every token as two big GEMMs with the [T, E] combine weights (zero
-               for unselected experts) applied in between; no gather at all. Best when k is E.
+- `reference`:  a readable loop over experts with boolean masks and plain autograd. The yardstick.
+- `grouped`:    a stable argsort of the (token, slot) pairs by expert, then for each expert its
+                contiguous rows: gather the tokens, two GEMMs, scale by the combine weight and add
+                into the output; the backward is written by hand in the same loop. Per-expert
+                working sets stay small and nothing of size [T*k, d_hidden] is allocated besides
+                the saved activations, which is what makes it fast on CPUs. On CUDA with bf16 and
+                torch._grouped_mm (sm90+) it uses the `grouped_mm` path instead.
+- `grouped_mm`: the sorted rows gathered once, torch._grouped_mm for both linear layers, autograd
+                for the rest; combine by gathering back and a batched weighted sum (no atomics).
+- `dense`:      every expert on every token (weights zero for unselected experts); the same loop
+                with no gather at all. Costs E/k times the active compute, so it is for k = E.
+
+All paths are deterministic: the only accumulations are per-token sums in a fixed expert order.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -77,13 +83,7 @@ class Experts(nn.Module):
 
     def hidden(self, h: Tensor) -> Tensor:
         """Activation (and dropout in training) applied to the first layer's output."""
-        if self.activation == "relu":
-            a = F.relu(h)
-        elif self.activation == "gelu":
-            a = F.gelu(h)
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
+        a = _activate(self.activation, h)
         return F.dropout(a, self.dropout, self.training) if self.dropout > 0 else a
 
     def expert_forward(self, e: int, x_ND: Tensor) -> Tensor:
@@ -95,6 +95,15 @@ class Experts(nn.Module):
         if self.b_out is not None:
             y = y + self.b_out[e]
         return y
+
+
+def _activate(activation: str, h: Tensor) -> Tensor:
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 # --------------------------------------------------------------------------- reference
@@ -118,132 +127,238 @@ def reference_backend(
     return out_TD
 
 
-# --------------------------------------------------------------------------- dense
+# --------------------------------------------------------------------------- the expert loop
+
+
+@dataclass
+class _LoopPlan:
+    """Which rows each expert computes. `tokens` is None in dense mode (every expert, all tokens);
+    otherwise expert e takes tokens[starts[e]:starts[e]+counts[e]] with weights `row_weights`."""
+
+    counts: list[int]
+    tokens: Tensor | None
+    row_weights: Tensor  # [N] sorted mode, [T, E] dense mode
+
+
+def _loop_forward(
+    x_TD: Tensor,
+    plan: _LoopPlan,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    activation: str,
+    dropout: float,
+    save: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Run every expert on its rows and add its weighted output into out [T, D].
+
+    With save=True also returns what the backward needs: per row, the first layer's output (after
+    ReLU for relu, before the activation otherwise), the dropout keep-mask and the expert's
+    unweighted output (for the gradient of the combine weights).
+    """
+    dense = plan.tokens is None
+    num_rows = x_TD.shape[0] * len(plan.counts) if dense else plan.tokens.numel()
+    width, d_model = w_in.shape[-1], x_TD.shape[1]
+    hidden_buf = x_TD.new_empty(num_rows, width) if save else None
+    output_buf = x_TD.new_empty(num_rows, d_model) if save else None
+    keep_buf = (
+        torch.empty(num_rows, w_out.shape[1], dtype=torch.bool, device=x_TD.device)
+        if save and dropout > 0
+        else None
+    )
+    out_TD = torch.zeros_like(x_TD)
+    start = 0
+    for e, n in enumerate(plan.counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        x_e = x_TD if dense else x_TD.index_select(0, plan.tokens[rows])
+        h_e = hidden_buf[rows] if save else x_TD.new_empty(n, width)
+        _linear_into(h_e, x_e, w_in[e], None if b_in is None else b_in[e])
+        a_e = h_e.relu_() if activation == "relu" else _activate(activation, h_e)
+        if dropout > 0:
+            keep = torch.empty_like(a_e, dtype=torch.bool).bernoulli_(1.0 - dropout)
+            if keep_buf is not None:
+                keep_buf[rows] = keep
+            a_e = a_e * keep * (1.0 / (1.0 - dropout))
+        y_e = output_buf[rows] if save else x_TD.new_empty(n, d_model)
+        _linear_into(y_e, a_e, w_out[e], None if b_out is None else b_out[e])
+        if dense:
+            out_TD.addcmul_(y_e, plan.row_weights[:, e : e + 1])
+        else:
+            weighted = (
+                y_e * plan.row_weights[rows, None]
+                if save
+                else y_e.mul_(plan.row_weights[rows, None])
+            )
+            out_TD.index_add_(0, plan.tokens[rows], weighted)
+    return out_TD, hidden_buf, keep_buf, output_buf
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        torch.mm(x, weight, out=out)
+    else:
+        torch.addmm(bias, x, weight, out=out)
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """The `grouped` (sorted rows) and `dense` (all tokens) expert computation with its backward."""
+
+    @staticmethod
+    def forward(ctx, x_TD, row_weights, w_in, b_in, w_out, b_out, plan, activation, dropout):
+        plan = _LoopPlan(plan.counts, plan.tokens, row_weights)
+        out_TD, hidden_buf, keep_buf, output_buf = _loop_forward(
+            x_TD, plan, w_in, b_in, w_out, b_out, activation, dropout, save=True
+        )
+        ctx.save_for_backward(
+            x_TD, row_weights, w_in, b_in, w_out, b_out, hidden_buf, keep_buf, output_buf
+        )
+        ctx.plan = plan
+        ctx.activation = activation
+        ctx.dropout = dropout
+        return out_TD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_TD: Tensor):
+        x_TD, row_weights, w_in, b_in, w_out, b_out, hidden_buf, keep_buf, output_buf = (
+            ctx.saved_tensors
+        )
+        plan: _LoopPlan = ctx.plan
+        dense = plan.tokens is None
+        needs = ctx.needs_input_grad
+        grad_TD = grad_TD.contiguous()
+        grad_x = torch.zeros_like(x_TD) if needs[0] else None
+        grad_rw = torch.zeros_like(row_weights) if needs[1] else None
+        grad_w_in = torch.zeros_like(w_in) if needs[2] else None
+        grad_b_in = torch.zeros_like(b_in) if b_in is not None and needs[3] else None
+        grad_w_out = torch.zeros_like(w_out) if needs[4] else None
+        grad_b_out = torch.zeros_like(b_out) if b_out is not None and needs[5] else None
+        scale = 1.0 / (1.0 - ctx.dropout) if ctx.dropout > 0 else 1.0
+        start = 0
+        for e, n in enumerate(plan.counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            start += n
+            tokens = None if dense else plan.tokens[rows]
+            gy = grad_TD if dense else grad_TD.index_select(0, tokens)
+            if grad_rw is not None:  # d out / d weight = the expert's unweighted output
+                g_weight = (gy * output_buf[rows]).sum(1)
+                if dense:
+                    grad_rw[:, e] = g_weight
+                else:
+                    grad_rw[rows] = g_weight
+            w_e = (row_weights[:, e] if dense else row_weights[rows]).unsqueeze(1)
+            gy = gy * w_e if dense else gy.mul_(w_e)  # never scale grad_TD itself in place
+            saved_h = hidden_buf[rows]
+            a_e = saved_h if ctx.activation == "relu" else _activate(ctx.activation, saved_h)
+            if keep_buf is not None:
+                a_e = a_e * keep_buf[rows] * scale
+            if grad_w_out is not None:
+                torch.mm(a_e.t(), gy, out=grad_w_out[e])
+            if grad_b_out is not None:
+                torch.sum(gy, 0, out=grad_b_out[e])
+            ga = gy @ w_out[e].t()
+            if keep_buf is not None:
+                ga.mul_(keep_buf[rows]).mul_(scale)
+            gh = _activation_backward(ctx.activation, ga, saved_h)
+            x_e = x_TD if dense else x_TD.index_select(0, tokens)
+            if grad_w_in is not None:
+                torch.mm(x_e.t(), gh, out=grad_w_in[e])
+            if grad_b_in is not None:
+                torch.sum(gh, 0, out=grad_b_in[e])
+            if grad_x is not None:
+                if dense:
+                    grad_x.addmm_(gh, w_in[e].t())
+                else:
+                    grad_x.index_add_(0, tokens, gh @ w_in[e].t())
+        return grad_x, grad_rw, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
+
+
+def _activation_backward(activation: str, grad_a: Tensor, saved_h: Tensor) -> Tensor:
+    """d loss / d h from d loss / d a; `saved_h` is relu(h) for relu and h otherwise."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad_a, saved_h, 0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_a, saved_h)
+    gate, up = saved_h.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    grad_gate = torch.ops.aten.silu_backward(grad_a * up, gate)
+    return torch.cat([grad_gate, grad_a * silu_gate], dim=-1)
+
+
+def _run_loop(experts: Experts, x_TD: Tensor, plan: _LoopPlan) -> Tensor:
+    dropout = experts.dropout if experts.training else 0.0
+    args = (experts.w_in, experts.b_in, experts.w_out, experts.b_out)
+    tensors = (x_TD, plan.row_weights, *args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _ExpertLoop.apply(x_TD, plan.row_weights, *args, plan, experts.activation, dropout)
+    out, *_ = _loop_forward(x_TD, plan, *args, experts.activation, dropout, save=False)
+    return out
+
+
+def _sort_by_expert(
+    ids_TK: Tensor, keep_TK: Tensor | None, num_experts: int
+) -> tuple[Tensor, Tensor]:
+    """Positions t*K+k of the (kept) pairs in expert order (stable), and the rows per expert."""
+    flat_ids = ids_TK.reshape(-1)
+    rows = torch.argsort(flat_ids, stable=True)
+    if keep_TK is not None:
+        rows = rows[keep_TK.reshape(-1).index_select(0, rows)]
+    counts_E = torch.bincount(flat_ids.index_select(0, rows), minlength=num_experts)
+    return rows, counts_E
+
+
+def grouped_backend(
+    experts: Experts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, keep_TK: Tensor | None
+) -> Tensor:
+    """Sorted rows per expert through the expert loop (or torch._grouped_mm where that is fast)."""
+    if grouped_mm_fast(x_TD.device, x_TD.dtype, experts):
+        return grouped_mm_backend(experts, x_TD, ids_TK, weights_TK, keep_TK)
+    top_k = ids_TK.shape[1]
+    rows, counts_E = _sort_by_expert(ids_TK, keep_TK, experts.num_experts)
+    tokens = torch.div(rows, top_k, rounding_mode="floor")
+    row_weights = weights_TK.reshape(-1).index_select(0, rows).to(x_TD.dtype)
+    return _run_loop(experts, x_TD, _LoopPlan(counts_E.tolist(), tokens, row_weights))
 
 
 def dense_backend(
     experts: Experts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, keep_TK: Tensor | None
 ) -> Tensor:
-    """All experts as one wide FFN: [T, D] @ [D, E*H], activation, scale by weight, @ [E*H, D]."""
-    num_tokens, d_model = x_TD.shape
-    num_experts = experts.num_experts
+    """Every expert on every token with [T, E] combine weights (0 where not selected); no gather."""
+    num_tokens, num_experts = x_TD.shape[0], experts.num_experts
     w_TK = weights_TK.to(x_TD.dtype)
     if keep_TK is not None:
         w_TK = w_TK * keep_TK
-    if ids_TK.shape[1] == num_experts and _is_identity_order(ids_TK):
-        w_TE = w_TK
-    else:
-        w_TE = x_TD.new_zeros(num_tokens, num_experts).scatter(1, ids_TK, w_TK)
-    width = experts.w_in.shape[-1]
-    w_in_DW = experts.w_in.permute(1, 0, 2).reshape(d_model, num_experts * width)
-    if experts.b_in is not None:
-        h = torch.addmm(experts.b_in.reshape(-1), x_TD, w_in_DW)
-    else:
-        h = x_TD @ w_in_DW
-    a_TEH = experts.hidden(h.view(num_tokens, num_experts, width))
-    a_TEH = a_TEH * w_TE.unsqueeze(-1)
-    w_out_WD = experts.w_out.reshape(num_experts * experts.d_hidden, d_model)
-    a_TW = a_TEH.reshape(num_tokens, num_experts * experts.d_hidden)
-    if experts.b_out is not None:
-        return torch.addmm(w_TE @ experts.b_out, a_TW, w_out_WD)
-    return a_TW @ w_out_WD
+    w_TE = x_TD.new_zeros(num_tokens, num_experts).scatter(1, ids_TK, w_TK)
+    return _run_loop(experts, x_TD, _LoopPlan([num_tokens] * num_experts, None, w_TE))
 
 
-def _is_identity_order(ids_TK: Tensor) -> bool:
-    """True when every row of ids is 0..E-1 in order (the dense router's routing)."""
-    if ids_TK.shape[0] == 0:
-        return True
-    expected = torch.arange(ids_TK.shape[1], device=ids_TK.device)
-    return bool(ids_TK.stride(0) == 0 and torch.equal(ids_TK[0], expected))
+# --------------------------------------------------------------------------- torch._grouped_mm
 
 
-# --------------------------------------------------------------------------- grouped
-
-
-class _Dispatch(torch.autograd.Function):
-    """x_TD -> x_ND with row n = x[rows_TK[n] // K]; backward gathers back and sums the k slots."""
+class _PermuteRows(torch.autograd.Function):
+    """out = src[index] for a permutation-like `index`; backward gathers with `back_index` or, when
+    rows were dropped (back_index None), writes the gradient rows back into zeros."""
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, rows_TK: Tensor, inverse: Tensor | None, top_k: int) -> Tensor:
-        ctx.save_for_backward(rows_TK, inverse)
-        ctx.shape = (x_TD.shape[0], top_k, x_TD.shape[1])
-        return x_TD.index_select(0, torch.div(rows_TK, top_k, rounding_mode="floor"))
+    def forward(ctx, src: Tensor, index: Tensor, back_index: Tensor | None) -> Tensor:
+        ctx.save_for_backward(index, back_index)
+        ctx.num_src_rows = src.shape[0]
+        return src.index_select(0, index)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_ND: Tensor):
-        rows_TK, inverse = ctx.saved_tensors
-        num_tokens, top_k, d_model = ctx.shape
-        grad_TKD = _to_slot_order(grad_ND, rows_TK, inverse, num_tokens * top_k)
-        return grad_TKD.view(num_tokens, top_k, d_model).sum(1), None, None, None
-
-
-class _Undispatch(torch.autograd.Function):
-    """y_ND (expert order) -> y_(TK)D in (token, slot) order, zero rows for dropped pairs."""
-
-    @staticmethod
-    def forward(ctx, y_ND: Tensor, rows_TK: Tensor, inverse: Tensor | None, size: int) -> Tensor:
-        ctx.save_for_backward(rows_TK)
-        return _to_slot_order(y_ND, rows_TK, inverse, size)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_TKD: Tensor):
-        (rows_TK,) = ctx.saved_tensors
-        return grad_TKD.index_select(0, rows_TK), None, None, None
-
-
-def _to_slot_order(y_ND: Tensor, rows_TK: Tensor, inverse: Tensor | None, size: int) -> Tensor:
-    if inverse is not None:  # a full permutation: a gather
-        return y_ND.index_select(0, inverse)
-    out = y_ND.new_zeros(size, y_ND.shape[1])
-    return out.index_copy_(0, rows_TK, y_ND)
-
-
-class _GroupedLinearLoop(torch.autograd.Function):
-    """y[rows of group e] = a[rows of group e] @ w[e] (+ b[e]): one GEMM per non-empty group."""
-
-    @staticmethod
-    def forward(ctx, a_NI: Tensor, w_EIO: Tensor, b_EO: Tensor | None, counts: list[int]):
-        ctx.save_for_backward(a_NI, w_EIO)
-        ctx.counts = counts
-        ctx.has_bias = b_EO is not None
-        out_NO = a_NI.new_empty(a_NI.shape[0], w_EIO.shape[-1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            end = start + n
-            if b_EO is None:
-                torch.mm(a_NI[start:end], w_EIO[e], out=out_NO[start:end])
-            else:
-                torch.addmm(b_EO[e], a_NI[start:end], w_EIO[e], out=out_NO[start:end])
-            start = end
-        return out_NO
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_NO: Tensor):
-        a_NI, w_EIO = ctx.saved_tensors
-        need_a, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_a = torch.empty_like(a_NI) if need_a else None
-        grad_w = torch.zeros_like(w_EIO) if need_w else None
-        grad_b = grad_NO.new_zeros(w_EIO.shape[0], w_EIO.shape[-1]) if need_b else None
-        grad_NO = grad_NO.contiguous()
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                continue
-            end = start + n
-            g = grad_NO[start:end]
-            if need_a:
-                torch.mm(g, w_EIO[e].t(), out=grad_a[start:end])
-            if need_w:
-                torch.mm(a_NI[start:end].t(), g, out=grad_w[e])
-            if need_b:
-                torch.sum(g, dim=0, out=grad_b[e])
-            start = end
-        return grad_a, grad_w, grad_b, None
+    def backward(ctx, grad: Tensor):
+        index, back_index = ctx.saved_tensors
+        if back_index is not None:
+            return grad.index_select(0, back_index), None, None
+        out = grad.new_zeros(ctx.num_src_rows, grad.shape[1])
+        return out.index_copy_(0, index, grad), None, None
 
 
 def grouped_mm_available() -> bool:
@@ -251,83 +366,58 @@ def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-def grouped_mm_fast(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
-    """Whether torch._grouped_mm is the fast choice: CUDA sm90+, bf16, 16-byte aligned dims.
+def grouped_mm_fast(device: torch.device, dtype: torch.dtype, experts: Experts) -> bool:
+    """Whether torch._grouped_mm is the fast choice: CUDA sm90+, bf16, 16-byte aligned widths.
 
-    On CPU (any dtype) it measured ~3x slower than one GEMM per expert (torch 2.13, 2 cores).
+    On CPU it measured ~3x slower than one GEMM per expert (torch 2.13, fp32 and bf16, 2 cores).
     """
     if not grouped_mm_available() or device.type != "cuda" or dtype != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(device) < (9, 0):
         return False
-    return all(d % 8 == 0 for d in dims)
+    return all(d % 8 == 0 for d in (experts.d_model, experts.d_hidden))
 
 
-def _grouped_linear(
-    a_NI: Tensor,
-    w_EIO: Tensor,
-    b_EO: Tensor | None,
-    counts: list[int] | None,
-    offsets: Tensor,
-    expert_of_row: Tensor | None,
-    use_grouped_mm: bool,
+def grouped_mm_backend(
+    experts: Experts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, keep_TK: Tensor | None
 ) -> Tensor:
-    if use_grouped_mm:
-        y = torch._grouped_mm(a_NI, w_EIO, offs=offsets)
-        return y if b_EO is None else y + b_EO.index_select(0, expert_of_row)
-    return _GroupedLinearLoop.apply(a_NI, w_EIO, b_EO, counts)
-
-
-def grouped_backend(
-    experts: Experts,
-    x_TD: Tensor,
-    ids_TK: Tensor,
-    weights_TK: Tensor,
-    keep_TK: Tensor | None,
-    *,
-    force_grouped_mm: bool = False,
-) -> Tensor:
-    """Sort (token, slot) pairs by expert, run each expert on its contiguous rows, gather back."""
+    """Sorted rows gathered once, torch._grouped_mm for both layers, gathered back, weighted sum."""
+    if not grouped_mm_available():
+        raise HyperRouterError("backend 'grouped_mm' needs torch._grouped_mm (torch >= 2.8)")
     num_tokens, d_model = x_TD.shape
     top_k = ids_TK.shape[1]
-    num_experts = experts.num_experts
-    flat_ids = ids_TK.reshape(-1)
-    rows_TK = torch.argsort(flat_ids, stable=True)
+    num_pairs = num_tokens * top_k
+    rows, counts_E = _sort_by_expert(ids_TK, keep_TK, experts.num_experts)
+    offsets = counts_E.cumsum(0).to(torch.int32)
     inverse = None
-    if keep_TK is not None:
-        rows_TK = rows_TK[keep_TK.reshape(-1).index_select(0, rows_TK)]
-        flat_ids = flat_ids.index_select(0, rows_TK)
+    if keep_TK is None:  # a full permutation: the way back is a gather too
+        inverse = torch.empty_like(rows)
+        inverse[rows] = torch.arange(num_pairs, device=rows.device)
+    # dispatch: pair rows in (token, slot) order, then permuted into expert order
+    x_PD = x_TD.unsqueeze(1).expand(num_tokens, top_k, d_model).reshape(num_pairs, d_model)
+    x_ND = _PermuteRows.apply(x_PD, rows, inverse)
+    expert_of_row = None
+    if experts.b_in is not None:
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(experts.num_experts, device=x_TD.device),
+            counts_E,
+            output_size=rows.numel(),
+        )
+    h = torch._grouped_mm(x_ND, experts.w_in, offs=offsets)
+    if experts.b_in is not None:
+        h = h + experts.b_in.index_select(0, expert_of_row)
+    y_ND = torch._grouped_mm(experts.hidden(h), experts.w_out, offs=offsets)
+    if experts.b_out is not None:
+        y_ND = y_ND + experts.b_out.index_select(0, expert_of_row)
+    if inverse is not None:
+        y_PD = _PermuteRows.apply(y_ND, inverse, rows)
     else:
-        inverse = torch.empty_like(rows_TK)
-        inverse[rows_TK] = torch.arange(rows_TK.numel(), device=rows_TK.device)
-        flat_ids = flat_ids.index_select(0, rows_TK)
-    counts_E = torch.bincount(flat_ids, minlength=num_experts)
-
-    use_mm = force_grouped_mm or grouped_mm_fast(
-        x_TD.device, x_TD.dtype, (d_model, experts.w_in.shape[-1], experts.d_hidden)
-    )
-    if use_mm:
-        if not grouped_mm_available():
-            raise HyperRouterError("backend 'grouped_mm' needs torch._grouped_mm (torch >= 2.8)")
-        counts, offsets, expert_of_row = None, counts_E.cumsum(0).to(torch.int32), flat_ids
-    else:
-        counts, offsets, expert_of_row = counts_E.tolist(), None, None
-
-    x_ND = _Dispatch.apply(x_TD, rows_TK, inverse, top_k)
-    h = _grouped_linear(x_ND, experts.w_in, experts.b_in, counts, offsets, expert_of_row, use_mm)
-    a = experts.hidden(h)
-    y_ND = _grouped_linear(a, experts.w_out, experts.b_out, counts, offsets, expert_of_row, use_mm)
-    y_TKD = _Undispatch.apply(y_ND, rows_TK, inverse, num_tokens * top_k)
-    w_TK = weights_TK.to(y_TKD.dtype)
-    if top_k == 1:
-        return y_TKD * w_TK
-    return torch.bmm(w_TK.unsqueeze(1), y_TKD.view(num_tokens, top_k, d_model)).squeeze(1)
+        y_PD = y_ND.new_zeros(num_pairs, d_model).index_copy(0, rows, y_ND)
+    w_TK = weights_TK.to(y_PD.dtype)
+    return torch.bmm(w_TK.unsqueeze(1), y_PD.view(num_tokens, top_k, d_model)).squeeze(1)
 
 
-def grouped_mm_backend(experts, x_TD, ids_TK, weights_TK, keep_TK) -> Tensor:
-    """The grouped path with torch._grouped_mm forced for both linear layers."""
-    return grouped_backend(experts, x_TD, ids_TK, weights_TK, keep_TK, force_grouped_mm=True)
-
+# --------------------------------------------------------------------------- choice and capacity
 
 Backend = Callable[[Experts, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -344,8 +434,8 @@ def choose_backend(
 ) -> str:
     """The backend `auto` runs for a call: dense when every expert is used, else grouped.
 
-    Calibrated by `hyperrouter bench layer`: the dense path costs E/k times the active compute,
-    so it only pays when k = E; the grouped path stays within ~10% of the dense floor for k < E.
+    Calibrated with `hyperrouter bench layer`: the dense path costs E/k times the active compute,
+    so it only pays when k = E, where it saves the sort and the gathers.
     """
     if top_k >= num_experts:
         return "dense"

@@ -16,6 +16,7 @@ from hyperrouter.moe.experts import (
     choose_backend,
     expert_capacity,
 )
+from hyperrouter.moe.losses import at_least_fp32
 from hyperrouter.routers import build_router
 
 
@@ -207,7 +208,7 @@ def _routing_stats(
     kept_ids = ids_TK.reshape(-1) if keep_TK is None else ids_TK[keep_TK]
     counts_E = torch.bincount(kept_ids, minlength=num_experts)
     if logits_TE.shape[0] > 0:
-        log_p = torch.log_softmax(logits_TE.float(), dim=-1)
+        log_p = torch.log_softmax(at_least_fp32(logits_TE), dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1).mean()
     else:
         entropy = logits_TE.new_zeros((), dtype=torch.float32)

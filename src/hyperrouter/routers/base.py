@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hyperrouter.errors import HyperRouterError
-from hyperrouter.moe.losses import router_z_loss, switch_balance_loss
+from hyperrouter.moe.losses import at_least_fp32, router_z_loss, switch_balance_loss
 
 
 @dataclass
@@ -35,7 +35,7 @@ def topk_softmax(logits_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     With k = E this is the full softmax. Unsorted like the reference, so results match it
     bit for bit.
     """
-    values_TK, ids_TK = torch.topk(logits_TE.float(), top_k, dim=-1, sorted=False)
+    values_TK, ids_TK = torch.topk(at_least_fp32(logits_TE), top_k, dim=-1, sorted=False)
     return ids_TK, torch.softmax(values_TK, dim=-1)
 
 

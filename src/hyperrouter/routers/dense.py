@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from hyperrouter.errors import HyperRouterError
+from hyperrouter.moe.losses import at_least_fp32
 from hyperrouter.routers.base import Router, Routing, build_router, register_router
 
 WEIGHTINGS = ("softmax", "uniform")
@@ -54,6 +55,6 @@ class DenseRouter(Router):
         logits_TE = self.compute_logits(x_TD)
         num_tokens = x_TD.shape[0]
         ids_TE = torch.arange(self.num_experts, device=x_TD.device).expand(num_tokens, -1)
-        weights_TE = torch.softmax(logits_TE.float(), dim=-1)
+        weights_TE = torch.softmax(at_least_fp32(logits_TE), dim=-1)
         aux = self.base.aux_losses(logits_TE, ids_TE) if self.base is not None else {}
         return Routing(ids_TE, weights_TE, logits_TE, aux)

@@ -1,0 +1,3 @@
+from hyperrouter.cli import entry_point
+
+entry_point()

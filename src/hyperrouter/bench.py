@@ -1,0 +1,305 @@
+"""`hyperrouter bench layer`: time the MoE layer against its dense floor and peer implementations.
+
+For each k the MoE layer (E experts of width d_hidden) is timed next to a dense FFN of hidden
+width k * d_hidden: the same active compute, so the floor a sparse layer can at best reach. Two
+groups compare like with like: ReLU experts with biases (the Transformer-XL / HyperRouter expert)
+against a ReLU floor, and SwiGLU experts without biases against a SwiGLU floor and HuggingFace
+transformers' Mixtral sparse block (eager and grouped_mm experts) with copied weights,
+whose outputs are checked against ours. All implementations of one (k, mode) are timed round-robin
+so that machine noise hits them alike; we report medians.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from hyperrouter.moe import MoE
+
+DEFAULT_KS = (1, 2, 4, 8, 16)
+# batched_mm is left out: it gathers one weight matrix per (token, slot) pair, 17 GB at 8192
+# tokens x k=2 with these sizes (it is meant for decoding a few tokens).
+HF_EXPERT_IMPLEMENTATIONS = ("eager", "grouped_mm")
+
+
+@dataclass
+class BenchRecord:
+    """One timed (implementation, k, mode): the fields of `--json` output."""
+
+    impl: str
+    device: str
+    dtype: str
+    num_experts: int
+    top_k: int
+    tokens: int
+    d_model: int
+    d_hidden: int
+    mode: str
+    median_ms: float
+    ratio_vs_dense: float | None = None
+    expert: str = "relu"
+    repeats: int = 0
+    max_rel_diff_vs_hyperrouter: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class SwiGLUFFN(nn.Module):
+    """Dense SwiGLU FFN without biases: the floor for SwiGLU experts."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.down = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def dense_floor(expert: str, d_model: int, d_hidden: int) -> nn.Module:
+    if expert == "swiglu":
+        return SwiGLUFFN(d_model, d_hidden)
+    return nn.Sequential(nn.Linear(d_model, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_model))
+
+
+def hf_mixtral_block(layer: MoE, top_k: int, implementation: str) -> nn.Module | None:
+    """A transformers Mixtral sparse block holding `layer`'s weights, or None if unavailable."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    experts = layer.experts
+    config = MixtralConfig(
+        hidden_size=experts.d_model,
+        intermediate_size=experts.d_hidden,
+        num_local_experts=experts.num_experts,
+        num_experts_per_tok=top_k,
+        router_jitter_noise=0.0,
+    )
+    config._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.gate.weight)
+        block.experts.gate_up_proj.copy_(experts.w_in.transpose(1, 2))
+        block.experts.down_proj.copy_(experts.w_out.transpose(1, 2))
+    return block
+
+
+@dataclass
+class _Contender:
+    impl: str
+    expert: str
+    module: nn.Module
+    call: Callable[[Tensor], Tensor]
+
+
+def _contenders(
+    expert: str,
+    top_k: int,
+    num_experts: int,
+    d_model: int,
+    d_hidden: int,
+    backends: tuple[str, ...],
+    peers: bool,
+) -> list[_Contender]:
+    torch.manual_seed(0)
+    if expert == "swiglu":
+        layer = MoE(
+            d_model,
+            num_experts,
+            d_hidden,
+            top_k,
+            router="smoe",
+            router_options={"bias": False},
+            activation="swiglu",
+            bias=False,
+        )
+    else:
+        layer = MoE(d_model, num_experts, d_hidden, top_k, router="smoe")
+    floor = dense_floor(expert, d_model, top_k * d_hidden)
+    out = [
+        _Contender("dense", expert, floor, floor),
+        _Contender("hyperrouter", expert, layer, layer),
+    ]
+    for backend in backends:
+        out.append(
+            _Contender(
+                f"hyperrouter:{backend}", expert, layer, lambda x, b=backend: layer(x, backend=b)
+            )
+        )
+    if peers and expert == "swiglu":
+        for implementation in HF_EXPERT_IMPLEMENTATIONS:
+            block = hf_mixtral_block(layer, top_k, implementation)
+            if block is not None:
+                call = (lambda b: lambda x: b(x.unsqueeze(0)).squeeze(0))(block)
+                out.append(_Contender(f"peer:hf-mixtral-{implementation}", expert, block, call))
+    return out
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _step(contender: _Contender, x: Tensor, grad: Tensor, mode: str) -> Callable[[], None]:
+    params = list(contender.module.parameters())
+
+    def train() -> None:
+        for p in params:
+            p.grad = None
+        inp = x.detach().requires_grad_(True)
+        contender.call(inp).backward(grad)
+
+    def infer() -> None:
+        with torch.inference_mode():
+            contender.call(x)
+
+    return train if mode == "train" else infer
+
+
+def run_layer_bench(
+    *,
+    quick: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    num_experts: int = 16,
+    d_model: int = 256,
+    d_hidden: int = 512,
+    tokens: int | None = None,
+    repeats: int | None = None,
+    experts: tuple[str, ...] = ("relu", "swiglu"),
+    modes: tuple[str, ...] = ("train", "infer"),
+    peers: bool = True,
+    progress: bool = True,
+) -> list[BenchRecord]:
+    """Time every contender for every k and mode; returns one record per (impl, k, mode)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = (
+        getattr(torch, dtype)
+        if dtype
+        else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    )
+    tokens = tokens or (2048 if quick else 8192)
+    repeats = repeats or (3 if quick else 7)
+    backends = () if quick else ("grouped", "dense", "reference")
+    jobs = [(e, k, m) for e in experts for k in ks if k <= num_experts for m in modes]
+    bar = _progress(len(jobs), progress)
+    records: list[BenchRecord] = []
+    for expert, k, mode in jobs:
+        contenders = [
+            c
+            for c in _contenders(expert, k, num_experts, d_model, d_hidden, backends, peers)
+            if _worth_timing(c.impl, k, num_experts)
+        ]
+        for c in contenders:
+            c.module.to(device=dev, dtype=dt)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(tokens, d_model, generator=gen).to(device=dev, dtype=dt)
+        grad = torch.randn(tokens, d_model, generator=gen).to(device=dev, dtype=dt)
+        diffs = _check_against_ours(contenders, x)
+        steps = [_step(c, x, grad, mode) for c in contenders]
+        for step in steps:
+            step()  # warm-up (allocations, lazy initialisation)
+        times: list[list[float]] = [[] for _ in contenders]
+        for _ in range(repeats):
+            for i, step in enumerate(steps):
+                times[i].append(_timed(step, dev))
+        floor_ms = statistics.median(times[0])
+        for c, ts in zip(contenders, times):
+            median = statistics.median(ts)
+            records.append(
+                BenchRecord(
+                    impl=c.impl,
+                    device=dev.type,
+                    dtype=str(dt).removeprefix("torch."),
+                    num_experts=num_experts,
+                    top_k=k,
+                    tokens=tokens,
+                    d_model=d_model,
+                    d_hidden=d_hidden,
+                    mode=mode,
+                    median_ms=round(median, 3),
+                    ratio_vs_dense=round(median / floor_ms, 3),
+                    expert=expert,
+                    repeats=len(ts),
+                    max_rel_diff_vs_hyperrouter=diffs.get(c.impl),
+                )
+            )
+        bar.update(1)
+    bar.close()
+    return records
+
+
+def _worth_timing(impl: str, top_k: int, num_experts: int) -> bool:
+    """Forced backends only where they are not pathological: the reference loop is slow at large k
+    and the dense path computes every expert (E/k times the work, and gigabytes of buffers)."""
+    if impl == "hyperrouter:reference":
+        return top_k <= 4
+    if impl == "hyperrouter:dense":
+        return 2 * top_k >= num_experts
+    return True
+
+
+def _check_against_ours(contenders: list[_Contender], x: Tensor) -> dict[str, float]:
+    """Relative difference of every sparse contender's output from hyperrouter's (same weights)."""
+    ours = next(c for c in contenders if c.impl == "hyperrouter")
+    with torch.inference_mode():
+        ref = ours.call(x).float()
+        out = {}
+        for c in contenders:
+            if c.impl == "dense":
+                continue
+            got = c.call(x).float()
+            out[c.impl] = round(((got - ref).norm() / ref.norm()).item(), 8)
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="bench layer", unit="case", disable=not enabled, leave=False)
+
+
+def format_table(records: list[BenchRecord]) -> str:
+    """A plain-text table: one line per record, grouped by expert type and mode."""
+    lines = [
+        f"{'expert':<7} {'mode':<6} {'k':>3}  {'impl':<32} {'median ms':>10} {'x dense':>8}",
+    ]
+    for r in sorted(records, key=lambda r: (r.expert, r.mode != "train", r.top_k)):
+        ratio = "" if r.ratio_vs_dense is None else f"{r.ratio_vs_dense:.2f}"
+        lines.append(
+            f"{r.expert:<7} {r.mode:<6} {r.top_k:>3}  {r.impl:<32} {r.median_ms:>10.1f} {ratio:>8}"
+        )
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_json(records: list[BenchRecord], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
