@@ -118,6 +118,138 @@ def _bench_layer(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train / eval
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="pretrain a Transformer-XL language model (quick preset on the built-in corpus)",
+        description=(
+            "Train a Transformer-XL LM with MoE layers. With no arguments: the `quick` preset on "
+            "the built-in tiny-Shakespeare corpus, ending with a table of test BPC per k."
+        ),
+    )
+    p.add_argument(
+        "--config",
+        metavar="NAME_OR_PATH",
+        help="preset name or YAML file (default: quick; see --list-configs)",
+    )
+    p.add_argument("--data", metavar="PATH", help="corpus file or folder (overrides data.path)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<preset>)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=500 (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--list-configs", action="store_true", help="list presets and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from hyperrouter.train.config import list_presets, load_config
+    from hyperrouter.train.trainer import train_run
+
+    if args.list_configs:
+        presets = list_presets()
+        width = max(map(len, presets))
+        for name, description in presets.items():
+            print(f"{name:<{width}}  {description}")
+        return 0
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    config = None
+    if not args.resume or args.config or overrides:
+        config = load_config(args.config, overrides)
+    out = args.out or f"runs/{config.name if config else 'run'}"
+    if args.resume and not args.out:
+        raise HyperRouterError("--resume needs --out RUN_DIR (the run to continue)")
+    results = train_run(config, out, resume=args.resume, progress=not args.no_progress)
+    print(_results_table(results))
+    print(f"results: {out}/results.json")
+    return 0
+
+
+def _results_table(results: dict) -> str:
+    metric = results["metric"]
+    speed = results.get("tokens_per_second", {})
+    lines = [f"{'k':>4}  {metric:>8}  {'tokens/s':>10}"]
+    for k, value in results["by_top_k"].items():
+        lines.append(f"{k:>4}  {value:>8.4f}  {speed.get(k, float('nan')):>10.0f}")
+    return "\n".join(lines)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a trained run at several inference k",
+        description="Evaluate a run (its best all-experts checkpoint) or a checkpoint folder.",
+    )
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--top-k", type=_int_list, help="k values (default: the run's eval.top_ks)")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--data", metavar="PATH", help="corpus (default: the one the run used)")
+    p.add_argument(
+        "--checkpoint",
+        default="best_all_experts",
+        choices=("best_all_experts", "best_train_k", "latest"),
+        help="which checkpoint of a run folder (default best_all_experts)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from hyperrouter.train.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(
+        args.path, top_ks=args.top_k, split=args.split, data=args.data, which=args.checkpoint
+    )
+    print(_results_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="download and prepare corpora")
+    what = p.add_subparsers(dest="data_what", required=True, metavar="WHAT")
+    get = what.add_parser(
+        "get",
+        help="download (or take --from) and prepare a corpus",
+        description="Download, verify and prepare enwik8, text8, wikitext-103, wikitext-2 or ptb.",
+    )
+    get.add_argument("name", help="enwik8, text8, wikitext-103, wikitext-2 or ptb")
+    get.add_argument("--dir", required=True, metavar="DIR", help="where DIR/NAME is prepared")
+    get.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="prepare from an archive or file you already have (no network)",
+    )
+    get.set_defaults(handler=_data_get)
+
+
+def _data_get(args: argparse.Namespace) -> int:
+    from hyperrouter.data.download import get_dataset
+
+    path = get_dataset(args.name, args.dir, from_file=args.from_file, progress=sys.stderr.isatty())
+    print(path)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -134,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_bench]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train,
+    _add_eval,
+    _add_data,
+    _add_bench,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -179,7 +179,7 @@ def _loop_forward(
         _linear_into(h_e, x_e, w_in[e], None if b_in is None else b_in[e])
         a_e = h_e.relu_() if activation == "relu" else _activate(activation, h_e)
         if dropout > 0:
-            keep = torch.empty_like(a_e, dtype=torch.bool).bernoulli_(1.0 - dropout)
+            keep = torch.rand_like(a_e) >= dropout  # faster than bernoulli_ on CPU
             if keep_buf is not None:
                 keep_buf[rows] = keep
             a_e = a_e * keep * (1.0 / (1.0 - dropout))

@@ -1,0 +1,362 @@
+"""Transformer-XL (Dai et al. 2019) with MoE feed-forward layers, as in the HyperRouter paper.
+
+Relative positional attention with learnable u/v biases shared by all layers, segment-level
+recurrence (each layer attends to a detached memory of the previous segments' hidden states),
+post-LayerNorm blocks, tied (adaptive) input/output embeddings. Each layer's FFN is dense (d_inner)
+or a `hyperrouter.MoE`, chosen per layer. Shapes are [time, batch, ...] as in the original.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from hyperrouter.errors import HyperRouterError
+from hyperrouter.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from hyperrouter.moe import MoE, RoutingStats
+
+
+@dataclass
+class MoEConfig:
+    """The MoE feed-forward layers. `layers` lists the layer indices that are MoE (empty: none,
+    which gives the dense baselines); every other layer has a dense FFN of width d_inner."""
+
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    num_experts: int = 16
+    d_expert: int = 512
+    top_k: int = 2
+    router: str = "hyperrouter"
+    router_options: dict = field(default_factory=dict)
+    activation: str = "relu"
+    backend: str = "auto"
+    capacity_factor: float | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Transformer-XL sizes; defaults are the paper's 4-layer enwik8 model."""
+
+    n_layer: int = 4
+    n_head: int = 8
+    d_head: int = 64
+    d_model: int = 256
+    d_inner: int = 512
+    d_embed: int | None = None
+    dropout: float = 0.1
+    dropatt: float = 0.0
+    tie_weight: bool = True
+    adaptive: bool = False
+    cutoffs: list[int] = field(default_factory=list)
+    div_val: int = 1
+    tie_projs: bool = True
+    same_length: bool = False
+    clamp_len: int = -1
+    init_std: float = 0.02
+    proj_init_std: float = 0.01
+
+
+@dataclass
+class LMOutput:
+    """What one forward pass returns to the trainer."""
+
+    loss: Tensor | None  # mean NLL over target tokens (nats)
+    nll: Tensor | None  # [tgt_len, batch] per-token NLL
+    mems: list[Tensor]  # detached memory for the next segment
+    aux_loss: Tensor  # sum of the MoE layers' (weighted) auxiliary losses
+    moe_stats: list[RoutingStats]  # one per MoE layer, in layer order
+    hidden: Tensor | None = None  # last layer's output [qlen, batch, d_model]
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoid embedding of relative distances, as in Transformer-XL."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0.0, dim, 2.0) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, pos_seq: Tensor) -> Tensor:
+        sinusoid = torch.outer(pos_seq, self.inv_freq)
+        return torch.cat([sinusoid.sin(), sinusoid.cos()], dim=-1)[:, None, :]
+
+
+class RelPartialLearnableAttention(nn.Module):
+    """Multi-head attention with relative positions and learnable biases u (r_w_bias), v (r_r_bias).
+
+    score(i, j) = (q_i + u) . k_j + (q_i + v) . r_{i-j}, computed with the "relative shift" trick.
+    Post-LayerNorm: out = LN(x + dropout(attn(x))).
+    """
+
+    def __init__(self, n_head: int, d_model: int, d_head: int, dropout: float, dropatt: float):
+        super().__init__()
+        self.n_head = n_head
+        self.d_head = d_head
+        self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
+        self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.dropatt = nn.Dropout(dropatt)
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.scale = 1.0 / math.sqrt(d_head)
+
+    @staticmethod
+    def _rel_shift(x: Tensor) -> Tensor:
+        """x [..., qlen, rlen] indexed by relative position -> indexed by key position.
+
+        Row i of the result is row i of x shifted left by qlen - 1 - i (Transformer-XL's trick:
+        pad a zero column, reinterpret the buffer, drop the first row). Entries j > i + mlen
+        hold garbage and must be masked.
+        """
+        *lead, qlen, rlen = x.shape
+        padded = torch.cat([x.new_zeros(*lead, qlen, 1), x], dim=-1)
+        return padded.view(*lead, rlen + 1, qlen)[..., 1:, :].reshape(*lead, qlen, rlen)
+
+    def forward(
+        self,
+        w: Tensor,
+        r: Tensor,
+        r_w_bias: Tensor,
+        r_r_bias: Tensor,
+        attn_mask: Tensor,
+        mems: Tensor | None,
+    ) -> Tensor:
+        qlen, bsz = w.shape[0], w.shape[1]
+        n_head, d_head = self.n_head, self.d_head
+        cat = w if mems is None or mems.numel() == 0 else torch.cat([mems, w], 0)
+        klen = cat.shape[0]
+        heads = self.qkv_net(cat).view(klen, bsz, 3, n_head, d_head)
+        q_BHQD = heads[-qlen:, :, 0].permute(1, 2, 0, 3)
+        k_BHKD = heads[:, :, 1].permute(1, 2, 0, 3)
+        v_BHKD = heads[:, :, 2].permute(1, 2, 0, 3)
+        r_HDR = self.r_net(r).view(r.shape[0], n_head, d_head).permute(1, 2, 0)
+        ac = torch.matmul(q_BHQD + r_w_bias[:, None, :], k_BHKD.transpose(-1, -2))
+        bd = self._rel_shift(torch.matmul(q_BHQD + r_r_bias[:, None, :], r_HDR))
+        score = ((ac + bd) * self.scale).float().masked_fill(attn_mask, float("-inf"))
+        prob = self.dropatt(torch.softmax(score, dim=-1).to(v_BHKD.dtype))
+        vec = torch.matmul(prob, v_BHKD).permute(2, 0, 1, 3).reshape(qlen, bsz, n_head * d_head)
+        return self.layer_norm(w + self.drop(self.o_net(vec)))
+
+
+class FeedForward(nn.Module):
+    """Post-LN FFN block: LN(x + dropout(ffn(x))), ffn dense or MoE."""
+
+    def __init__(self, d_model: int, d_inner: int, dropout: float, moe: MoE | None) -> None:
+        super().__init__()
+        self.moe = moe
+        if moe is None:
+            self.core = nn.Sequential(
+                nn.Linear(d_model, d_inner),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(d_inner, d_model),
+            )
+        self.drop = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None):
+        if self.moe is None:
+            return self.layer_norm(x + self.drop(self.core(x))), None
+        out = self.moe(x, mask=token_mask, return_details=True)
+        return self.layer_norm(x + self.drop(out.output)), out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, moe: MoE | None) -> None:
+        super().__init__()
+        c = config
+        self.attn = RelPartialLearnableAttention(
+            c.n_head, c.d_model, c.d_head, c.dropout, c.dropatt
+        )
+        self.ff = FeedForward(c.d_model, c.d_inner, c.dropout, moe)
+
+    def forward(self, x, r, r_w_bias, r_r_bias, attn_mask, mems, token_mask):
+        x = self.attn(x, r, r_w_bias, r_r_bias, attn_mask, mems)
+        return self.ff(x, token_mask)
+
+
+class TransformerXL(nn.Module):
+    """Transformer-XL language model whose FFNs are dense or MoE, per layer.
+
+    forward(data [qlen, B], target [qlen, B] | None, mems) -> LMOutput. `set_top_k(k)` changes k
+    in every MoE layer at once.
+    """
+
+    def __init__(
+        self,
+        n_token: int,
+        config: ModelConfig,
+        moe: MoEConfig | None = None,
+        tgt_len: int = 512,
+        mem_len: int = 512,
+    ) -> None:
+        super().__init__()
+        c = config
+        if n_token < 2:
+            raise HyperRouterError(f"the vocabulary must have at least 2 tokens, got {n_token}")
+        moe = moe or MoEConfig(layers=[])
+        bad = [i for i in moe.layers if not 0 <= i < c.n_layer]
+        if bad:
+            raise HyperRouterError(
+                f"moe.layers must be layer indices in [0, {c.n_layer - 1}], got {moe.layers}"
+            )
+        self.config = c
+        self.moe_config = moe
+        self.n_token = n_token
+        self.tgt_len = tgt_len
+        self.mem_len = mem_len
+        d_embed = c.d_embed or c.d_model
+        cutoffs = list(c.cutoffs) if c.adaptive else []
+        div_val = c.div_val if c.adaptive else 1
+        self.word_emb = AdaptiveEmbedding(n_token, d_embed, c.d_model, cutoffs, div_val)
+        self.drop = nn.Dropout(c.dropout)
+        self.pos_emb = PositionalEmbedding(c.d_model)
+        self.r_w_bias = nn.Parameter(torch.empty(c.n_head, c.d_head))
+        self.r_r_bias = nn.Parameter(torch.empty(c.n_head, c.d_head))
+        self.layers = nn.ModuleList()
+        for i in range(c.n_layer):
+            layer_moe = None
+            if i in moe.layers:
+                layer_moe = MoE(
+                    c.d_model,
+                    moe.num_experts,
+                    moe.d_expert,
+                    moe.top_k,
+                    router=moe.router,
+                    router_options=moe.router_options,
+                    activation=moe.activation,
+                    dropout=c.dropout,
+                    backend=moe.backend,
+                    capacity_factor=moe.capacity_factor,
+                    init_std=c.init_std,
+                )
+            self.layers.append(DecoderLayer(c, layer_moe))
+        self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, c.d_model, cutoffs, div_val)
+        self._init_weights()
+        if c.tie_weight:
+            self.crit.tie_to(self.word_emb, tie_projs=c.tie_projs)
+
+    # ------------------------------------------------------------------ init
+    def _init_weights(self) -> None:
+        """Transformer-XL's initialisation; routers keep their own (their module docstrings)."""
+        c = self.config
+        routers = {id(m) for layer in self.moe_layers() for m in layer.router.modules()}
+        for module in self.modules():
+            if id(module) in routers:
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, c.init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, c.init_std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.normal_(module.weight, 1.0, c.init_std)
+                nn.init.zeros_(module.bias)
+        for proj in [*self.word_emb.emb_projs, *self.crit.out_projs]:
+            nn.init.normal_(proj, 0.0, c.proj_init_std)
+        if self.crit.n_clusters > 0:
+            nn.init.normal_(self.crit.cluster_weight, 0.0, c.init_std)
+            nn.init.zeros_(self.crit.cluster_bias)
+        nn.init.normal_(self.r_w_bias, 0.0, c.init_std)
+        nn.init.normal_(self.r_r_bias, 0.0, c.init_std)
+
+    # ------------------------------------------------------------------ MoE control
+    def moe_layers(self) -> list[MoE]:
+        return [layer.ff.moe for layer in self.layers if layer.ff.moe is not None]
+
+    @property
+    def num_experts(self) -> int:
+        """Experts per MoE layer (1 for a model without MoE layers)."""
+        return self.moe_config.num_experts if self.moe_layers() else 1
+
+    def set_top_k(self, top_k: int) -> None:
+        """Use k experts per token in every MoE layer (validated against E)."""
+        for layer in self.moe_layers():
+            layer.top_k = top_k
+
+    @property
+    def top_k(self) -> int | None:
+        layers = self.moe_layers()
+        return layers[0].top_k if layers else None
+
+    # ------------------------------------------------------------------ memory
+    def init_mems(self) -> list[Tensor]:
+        return []
+
+    def _update_mems(self, hids: list[Tensor], mems: list[Tensor], qlen: int) -> list[Tensor]:
+        if self.mem_len <= 0:
+            return []
+        with torch.no_grad():
+            new = []
+            for i, h in enumerate(hids):
+                cat = h if not mems else torch.cat([mems[i], h], dim=0)
+                new.append(cat[-self.mem_len :].detach())
+        return new
+
+    # ------------------------------------------------------------------ forward
+    def body(
+        self,
+        data: Tensor,
+        mems: list[Tensor] | None = None,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor], Tensor, list[RoutingStats]]:
+        """Hidden states [qlen, B, d_model] for tokens `data` [qlen, B] given memory `mems`.
+
+        `token_mask` [qlen, B] (bool) marks real tokens for MoE routing (padding is not routed).
+        Returns (hidden, new_mems, aux_loss, moe_stats).
+        """
+        if data.dim() != 2:
+            raise HyperRouterError(f"data must be [qlen, batch] token ids, got {tuple(data.shape)}")
+        mems = mems or []
+        qlen = data.shape[0]
+        mlen = mems[0].shape[0] if mems else 0
+        klen = mlen + qlen
+        word_emb = self.word_emb(data)
+        ones = torch.ones(qlen, klen, dtype=torch.bool, device=data.device)
+        attn_mask = torch.triu(ones, diagonal=1 + mlen)
+        if self.config.same_length:
+            attn_mask = attn_mask | torch.tril(ones, diagonal=-max(qlen, self.mem_len) + mlen)
+        pos_seq = torch.arange(klen - 1, -1, -1.0, device=data.device, dtype=word_emb.dtype)
+        if self.config.clamp_len > 0:
+            pos_seq = pos_seq.clamp(max=self.config.clamp_len)
+        core = self.drop(word_emb)
+        pos = self.drop(self.pos_emb(pos_seq).to(word_emb.dtype))
+        hids = [core]
+        aux = word_emb.new_zeros((), dtype=torch.float32)
+        stats: list[RoutingStats] = []
+        for i, layer in enumerate(self.layers):
+            core, moe_out = layer(
+                core,
+                pos,
+                self.r_w_bias,
+                self.r_r_bias,
+                attn_mask,
+                mems[i] if mems else None,
+                token_mask,
+            )
+            if moe_out is not None:
+                for value in moe_out.aux_losses.values():
+                    aux = aux + value
+                stats.append(moe_out.stats)
+            hids.append(core)
+        new_mems = self._update_mems(hids, mems, qlen)
+        return self.drop(core), new_mems, aux, stats
+
+    def forward(
+        self, data: Tensor, target: Tensor | None = None, mems: list[Tensor] | None = None
+    ) -> LMOutput:
+        hidden, new_mems, aux, stats = self.body(data, mems)
+        if target is None:
+            return LMOutput(None, None, new_mems, aux, stats, hidden)
+        tgt_len = target.shape[0]
+        pred = hidden[-tgt_len:]
+        nll = self.crit(pred.reshape(-1, pred.shape[-1]), target.reshape(-1)).view(tgt_len, -1)
+        return LMOutput(nll.mean(), nll, new_mems, aux, stats)
+
+    def log_probs(self, data: Tensor, mems: list[Tensor] | None = None) -> Tensor:
+        """Next-token log-probabilities [qlen, B, n_token] (fp32)."""
+        hidden, _, _, _ = self.body(data, mems)
+        return self.crit.log_prob(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:2], -1)

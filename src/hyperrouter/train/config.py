@@ -1,0 +1,335 @@
+"""Run configuration: nested dataclasses, YAML presets, `--set a.b=value` overrides.
+
+One source of truth per hyperparameter: the dataclass default. Presets (src/hyperrouter/configs)
+only state what differs, and may name a `base` preset to start from. Unknown keys are rejected with
+a suggestion; values are checked against the field types.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hyperrouter.errors import HyperRouterError
+from hyperrouter.models.transformer_xl import ModelConfig, MoEConfig, TransformerXL
+from hyperrouter.moe.schedules import SCHEDULES, top_k_at
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from. path None means the built-in corpus (tiny Shakespeare)."""
+
+    path: str | None = None
+    kind: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the progressive top-k schedule (paper: linear_increase 8 -> 16)."""
+
+    steps: int = 400_000
+    batch_size: int = 22
+    batch_chunk: int = 1
+    tgt_len: int = 512
+    mem_len: int = 512
+    lr: float = 2.5e-4
+    lr_min: float = 0.0
+    warmup_steps: int = 0
+    clip: float = 0.25
+    weight_decay: float = 0.0
+    seed: int = 1111
+    top_k_schedule: str = "linear_increase"
+    top_k_min: int = 8
+    top_k_max: int = 16
+    schedule_steps: int | None = None
+    log_interval: int = 200
+    eval_interval: int = 4000
+    device: str = "auto"
+    amp: str = "none"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation segments (paper: eval_tgt_len 128) and the inference k values reported."""
+
+    tgt_len: int = 128
+    batch_size: int = 10
+    top_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    max_valid_batches: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run."""
+
+    name: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def train_top_k(self, step: int) -> int:
+        """k the training schedule uses at `step` (held at its final value after it ends)."""
+        t = self.train
+        total = t.schedule_steps or t.steps
+        return top_k_at(t.top_k_schedule, min(step, total), total, t.top_k_min, t.top_k_max)
+
+    def build_model(self, n_token: int) -> TransformerXL:
+        """The model this config describes, at the schedule's first k."""
+        moe = self.moe if self.moe.layers else None
+        model = TransformerXL(
+            n_token, self.model, moe, tgt_len=self.train.tgt_len, mem_len=self.train.mem_len
+        )
+        if model.moe_layers():
+            model.set_top_k(self.train_top_k(0))
+        return model
+
+    def validate(self) -> RunConfig:
+        """Reject bad combinations early with a message saying what to change."""
+        t, m, e, moe = self.train, self.model, self.eval, self.moe
+        positive = {
+            "train.steps": t.steps,
+            "train.batch_size": t.batch_size,
+            "train.tgt_len": t.tgt_len,
+            "train.log_interval": t.log_interval,
+            "train.eval_interval": t.eval_interval,
+            "eval.tgt_len": e.tgt_len,
+            "eval.batch_size": e.batch_size,
+            "model.n_layer": m.n_layer,
+            "model.n_head": m.n_head,
+            "model.d_head": m.d_head,
+            "model.d_model": m.d_model,
+            "model.d_inner": m.d_inner,
+            "moe.num_experts": moe.num_experts,
+            "moe.d_expert": moe.d_expert,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise HyperRouterError(f"{name} must be >= 1, got {value}")
+        if t.batch_chunk < 1 or t.batch_size % t.batch_chunk:
+            raise HyperRouterError(
+                f"train.batch_chunk must divide train.batch_size={t.batch_size}, "
+                f"got {t.batch_chunk}"
+            )
+        if t.mem_len < 0:
+            raise HyperRouterError(f"train.mem_len must be >= 0, got {t.mem_len}")
+        for name, value in (("model.dropout", m.dropout), ("model.dropatt", m.dropatt)):
+            if not 0.0 <= value < 1.0:
+                raise HyperRouterError(f"{name} must be in [0, 1), got {value}")
+        if t.lr <= 0:
+            raise HyperRouterError(f"train.lr must be > 0, got {t.lr}")
+        if t.top_k_schedule not in SCHEDULES:
+            raise HyperRouterError(
+                f"unknown train.top_k_schedule {t.top_k_schedule!r}; valid: {', '.join(SCHEDULES)}"
+            )
+        if moe.layers:
+            if not 1 <= t.top_k_min <= t.top_k_max <= moe.num_experts:
+                raise HyperRouterError(
+                    f"the top-k schedule needs 1 <= train.top_k_min <= train.top_k_max <= "
+                    f"moe.num_experts={moe.num_experts}, got {t.top_k_min} and {t.top_k_max}"
+                )
+            too_big = [k for k in e.top_ks if k > moe.num_experts or k < 1]
+            if too_big:
+                raise HyperRouterError(
+                    f"eval.top_ks must be in [1, moe.num_experts={moe.num_experts}], got {too_big}"
+                )
+        if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+            raise HyperRouterError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+        if t.amp not in ("none", "bf16"):
+            raise HyperRouterError(f"train.amp must be none or bf16, got {t.amp!r}")
+        if self.data.kind not in ("auto", "char", "word"):
+            raise HyperRouterError(f"data.kind must be auto, char or word, got {self.data.kind!r}")
+        return self
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(valid)}"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert a YAML value to the field's type; raise a one-line error if it does not fit."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except HyperRouterError as err:
+                errors.append(str(err))
+        raise HyperRouterError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise HyperRouterError(f"{where} must be a mapping, got {value!r}")
+        return _from_dict(annotation, value, where)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise HyperRouterError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise HyperRouterError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise HyperRouterError(f"{where} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise HyperRouterError(f"{where} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise HyperRouterError(f"{where} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise HyperRouterError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in types_:
+            raise HyperRouterError(f"unknown config key {path!r}{_suggest(key, list(types_))}")
+        kwargs[key] = _coerce(value, types_[key], path)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "router_options":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from a (possibly partial) nested dict."""
+    return _from_dict(RunConfig, data).validate()
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _preset_dir() -> Path:
+    return Path(str(resources.files("hyperrouter") / "configs"))
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> one-line description."""
+    out = {}
+    for path in sorted(_preset_dir().glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        lines = str(raw.get("description", "")).strip().splitlines()
+        out[path.stem] = lines[0] if lines else ""
+    return out
+
+
+def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or os.sep in name_or_path):
+        path = _preset_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            names = list(list_presets())
+            raise HyperRouterError(
+                f"unknown preset {name_or_path!r}{_suggest(name_or_path, names)}"
+            )
+    elif not path.is_file():
+        raise HyperRouterError(f"config file {name_or_path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise HyperRouterError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise HyperRouterError(f"config file {path} must hold a mapping of keys to values")
+    base = raw.pop("base", None)
+    own_name = raw.get("name", path.stem)
+    if base is not None:
+        if base in seen:
+            raise HyperRouterError(f"config {path} has a cyclic base chain: {' -> '.join(seen)}")
+        raw = _deep_merge(_load_raw(str(base), (*seen, str(base))), raw)
+    raw["name"] = own_name
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value) with value parsed as YAML (numbers, lists, null...)."""
+    if "=" not in text:
+        raise HyperRouterError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise HyperRouterError(f"--set expects key=value, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return keys, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides to a raw config dict (keys are checked when it is built)."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise HyperRouterError(f"--set {'.'.join(keys[: i + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A preset (by name) or YAML file, with `--set` overrides applied, validated."""
+    raw = _load_raw(name_or_path or "quick")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

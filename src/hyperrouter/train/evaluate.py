@@ -1,0 +1,213 @@
+"""Evaluation: BPC / perplexity of a language model at any number of experts, and loading a
+trained checkpoint back for `hyperrouter eval`, `compare` and `analyze`."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hyperrouter.data.corpus import Corpus, load_corpus
+from hyperrouter.data.iterators import LMOrderedIterator
+from hyperrouter.data.vocab import Vocab
+from hyperrouter.errors import HyperRouterError
+from hyperrouter.models.transformer_xl import TransformerXL
+from hyperrouter.train import checkpoint as ckpt
+from hyperrouter.train.config import RunConfig, config_from_dict
+
+
+def metric_name(kind: str) -> str:
+    """bpc for character corpora, ppl for word corpora."""
+    return "bpc" if kind == "char" else "ppl"
+
+
+def metric_value(loss: float, kind: str) -> float:
+    """BPC = loss / ln 2 (nats per character to bits); perplexity = exp(loss)."""
+    return loss / math.log(2) if kind == "char" else math.exp(min(loss, 700.0))
+
+
+def lr_at(step: int, config: RunConfig) -> float:
+    """Linear warmup, then cosine decay from lr to lr_min over all steps (reference schedule)."""
+    t = config.train
+    if t.warmup_steps > 0 and step < t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    progress = min(step / t.steps, 1.0)
+    return t.lr_min + (t.lr - t.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HyperRouterError("train.device is cuda but CUDA is not available")
+    return device
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@torch.no_grad()
+def evaluate(
+    model: TransformerXL,
+    data: Tensor,
+    *,
+    batch_size: int,
+    tgt_len: int,
+    mem_len: int,
+    top_k: int | None,
+    device: torch.device,
+    max_batches: int | None = None,
+    amp: str = "none",
+    on_batch=None,
+) -> EvalResult:
+    """Mean NLL (nats/token) over `data` in order, with recurrence memory, at `top_k` experts.
+
+    `on_batch(output)` is called with every LMOutput (for routing statistics).
+    """
+    was_training, old_k, old_mem = model.training, model.top_k, model.mem_len
+    model.eval()
+    model.mem_len = mem_len
+    if top_k is not None and model.moe_layers():
+        model.set_top_k(top_k)
+    iterator = LMOrderedIterator(data, batch_size, tgt_len, device=device)
+    total, count, mems = 0.0, 0, []
+    start = time.perf_counter()
+    try:
+        for i in range(len(iterator)):
+            if max_batches is not None and i >= max_batches:
+                break
+            inp, target, _ = iterator.get_batch(i)
+            with autocast(device, amp):
+                out = model(inp, target, mems)
+            mems = out.mems
+            total += out.nll.double().sum().item()
+            count += out.nll.numel()
+            if on_batch is not None:
+                on_batch(out)
+    finally:
+        model.mem_len = old_mem
+        if old_k is not None:
+            model.set_top_k(old_k)
+        model.train(was_training)
+    return EvalResult(total / max(count, 1), count, time.perf_counter() - start)
+
+
+def eval_mem_len(config: RunConfig) -> int:
+    """Evaluation memory keeps the training context: mem_len + tgt_len - eval tgt_len (as the
+    reference does)."""
+    t = config.train
+    if t.mem_len == 0:
+        return 0
+    return max(t.mem_len + t.tgt_len - config.eval.tgt_len, 0)
+
+
+def inference_ks(model: TransformerXL, config: RunConfig) -> list[int]:
+    """The k values evaluated at the end: eval.top_ks within [1, E] (just 1 for dense models)."""
+    if not model.moe_layers():
+        return [1]
+    return sorted({k for k in config.eval.top_ks if 1 <= k <= model.num_experts})
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with what it needs: its config, vocabulary and corpus kind."""
+
+    model: TransformerXL
+    config: RunConfig
+    vocab: Vocab
+    kind: str
+    folder: Path
+
+
+def load_trained(
+    path: str | Path, which: str = "best_all_experts", device: torch.device | None = None
+) -> LoadedRun:
+    """Rebuild the model saved in a run folder (or a checkpoint folder) and load its weights."""
+    folder = ckpt.resolve_checkpoint(path, which)
+    meta = ckpt.read_json(folder / ckpt.CONFIG_FILE)
+    try:
+        config = config_from_dict(meta["run"])
+        n_token, kind = int(meta["n_token"]), meta["kind"]
+    except (KeyError, TypeError, ValueError):
+        raise HyperRouterError(f"{folder / ckpt.CONFIG_FILE} is not a hyperrouter config") from None
+    vocab = Vocab.from_dict(ckpt.read_json(folder / ckpt.VOCAB_FILE))
+    model = config.build_model(n_token)
+    ckpt.load_weights(model, folder)
+    device = device or pick_device(config.train.device)
+    return LoadedRun(model.to(device), config, vocab, kind, folder)
+
+
+def load_matching_corpus(run: LoadedRun, data: str | None) -> Corpus:
+    """The corpus to evaluate on: `data` or the run's own, with the run's vocabulary."""
+    path = data if data is not None else run.config.data.path
+    corpus = load_corpus(path, kind=run.kind)
+    if corpus.vocab != run.vocab:
+        raise HyperRouterError(
+            f"the data at {path or 'the built-in corpus'} has a different vocabulary than the "
+            f"one {run.folder} was trained with"
+        )
+    return corpus
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    top_ks: tuple[int, ...] | None = None,
+    split: str = "test",
+    data: str | None = None,
+    which: str = "best_all_experts",
+) -> dict[str, Any]:
+    """`hyperrouter eval`: metric and tokens/s at each k; same layout as results.json."""
+    run = load_trained(path, which)
+    model, config = run.model, run.config
+    if top_ks is None:
+        ks = inference_ks(model, config)
+    else:
+        ks = list(top_ks)
+        limit = model.num_experts
+        bad = [k for k in ks if not 1 <= k <= limit]
+        if bad:
+            raise HyperRouterError(f"--top-k values must be in [1, {limit}] (experts), got {bad}")
+    corpus = load_matching_corpus(run, data)
+    device = next(model.parameters()).device
+    by_k, speed = {}, {}
+    for k in ks:
+        result = evaluate(
+            model,
+            getattr(corpus, split),
+            batch_size=config.eval.batch_size,
+            tgt_len=config.eval.tgt_len,
+            mem_len=eval_mem_len(config),
+            top_k=k if model.moe_layers() else None,
+            device=device,
+            amp=config.train.amp,
+        )
+        by_k[str(k)] = metric_value(result.loss, run.kind)
+        speed[str(k)] = result.tokens_per_second
+    return {
+        "metric": metric_name(run.kind),
+        "split": split,
+        "by_top_k": by_k,
+        "tokens_per_second": speed,
+        "checkpoint": str(run.folder),
+    }

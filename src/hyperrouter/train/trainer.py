@@ -1,0 +1,404 @@
+"""Language-model training: the whole loop in one place.
+
+text -> corpus -> ordered segments -> Transformer-XL (+ MoE) -> loss (+ aux) -> Adam, cosine LR,
+grad clip, progressive top-k -> periodic validation (training k and all experts) -> checkpoints
+-> final test at every inference k -> results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hyperrouter.data.corpus import Corpus, load_corpus
+from hyperrouter.data.iterators import LMOrderedIterator
+from hyperrouter.errors import HyperRouterError
+from hyperrouter.params import parameter_summary, trainable_parameters
+from hyperrouter.train import checkpoint as ckpt
+from hyperrouter.train.config import RunConfig, config_from_dict
+from hyperrouter.train.evaluate import (
+    autocast,
+    eval_mem_len,
+    evaluate,
+    inference_ks,
+    lr_at,
+    metric_name,
+    metric_value,
+    pick_device,
+)
+
+RUN_FILE = "run.json"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Run:
+    """A training run in RUN_DIR: created fresh, or resumed from its latest checkpoint."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        out_dir: Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        log=print,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.log = log
+        if resume:
+            config = self._resumed_config(config)
+        elif self.out_dir.exists() and any(self.out_dir.iterdir()):
+            raise HyperRouterError(
+                f"{self.out_dir} already holds files; use --resume to continue that run or "
+                f"choose another --out"
+            )
+        self.config = config.validate()
+        self.device = pick_device(config.train.device)
+        # everything that can fail on bad input happens before the run directory is created
+        self.corpus: Corpus = load_corpus(config.data.path, kind=config.data.kind)
+        self.kind = self.corpus.kind
+        self.train_iter = LMOrderedIterator(
+            self.corpus.train, config.train.batch_size, config.train.tgt_len, device=self.device
+        )
+        for split in ("valid", "test"):
+            LMOrderedIterator(
+                getattr(self.corpus, split), config.eval.batch_size, config.eval.tgt_len
+            )
+        torch.manual_seed(config.train.seed)
+        self.model = config.build_model(len(self.corpus.vocab)).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            trainable_parameters(self.model),
+            lr=config.train.lr,
+            weight_decay=config.train.weight_decay,
+        )
+        self.step = 0
+        self.mems: list[list[Tensor]] = []  # per batch chunk, per layer
+        self.best: dict[str, float] = {}
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        if resume:
+            self._restore()
+        else:
+            self._create()
+
+    # ---------------------------------------------------------------- run directory
+    def _resumed_config(self, config: RunConfig | None) -> RunConfig:
+        stored = self.out_dir / "config.json"
+        if not stored.is_file():
+            raise HyperRouterError(
+                f"--resume: {self.out_dir} holds no run to resume (no config.json)"
+            )
+        saved = config_from_dict(ckpt.read_json(stored))
+        if config is not None and config.to_dict() != saved.to_dict():
+            raise HyperRouterError(
+                f"--resume: the given config differs from the one {self.out_dir} was started with; "
+                f"resume without --config/--set, or choose another --out"
+            )
+        return saved
+
+    def _create(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json_atomic(self.out_dir / "config.json", self.config.to_dict())
+        summary = parameter_summary(self.model)
+        ckpt.write_json_atomic(
+            self.out_dir / RUN_FILE,
+            {
+                "corpus": self.corpus_info(),
+                "parameters": summary.as_dict(),
+                "metric": metric_name(self.kind),
+                "device": str(self.device),
+                "torch": torch.__version__,
+            },
+        )
+        (self.out_dir / "metrics.jsonl").write_text("")
+
+    def corpus_info(self) -> dict[str, Any]:
+        c = self.corpus
+        return {
+            "name": c.name,
+            "kind": c.kind,
+            "source": c.source,
+            "content_hash": c.content_hash,
+            "vocab_size": len(c.vocab),
+            "tokens": {s: int(getattr(c, s).numel()) for s in ("train", "valid", "test")},
+        }
+
+    def _restore(self) -> None:
+        index = ckpt.read_index(self.out_dir)
+        if "latest" not in index:
+            self.log(f"no checkpoint in {self.out_dir} yet: starting from step 0")
+            self._create()
+            return
+        run = ckpt.read_json(self.out_dir / RUN_FILE)
+        if run["corpus"]["content_hash"] != self.corpus.content_hash:
+            raise HyperRouterError(
+                f"--resume: the data differs from the corpus {self.out_dir} was trained on "
+                f"({run['corpus']['source']})"
+            )
+        folder = self.out_dir / "checkpoints" / index["latest"]
+        meta = ckpt.read_json(folder / ckpt.TRAINER_FILE)
+        ckpt.load_weights(self.model, folder)
+        ckpt.restore_optimizer(self.optimizer, folder, meta)
+        state = ckpt.load_tensors(folder / ckpt.STATE_FILE)
+        trainer = meta["trainer"]
+        self.step = meta["step"]
+        self.best = trainer["best"]
+        self.train_tokens = trainer["train_tokens"]
+        self.train_seconds = trainer["train_seconds"]
+        self.mems = [
+            [state[f"mems.{c}.{i}"].to(self.device) for i in range(n)]
+            for c, n in enumerate(trainer["num_mems"])
+        ]
+        torch.set_rng_state(state["rng.cpu"])
+        if self.device.type == "cuda" and "rng.cuda" in state:
+            torch.cuda.set_rng_state(state["rng.cuda"], self.device)
+        self._truncate_metrics(self.step)
+        self.log(f"resuming {self.out_dir} from step {self.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines a killed run wrote after its last checkpoint."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                break  # a line cut short by the kill
+        path.write_text("".join(f"{line}\n" for line in keep))
+
+    def _metric(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save(self, **pointers: str) -> None:
+        state = {f"mems.{c}.{i}": m for c, mems in enumerate(self.mems) for i, m in enumerate(mems)}
+        state["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        name = ckpt.save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.model,
+            self.checkpoint_config(),
+            self.corpus.vocab.to_dict(),
+            trainer={
+                "best": self.best,
+                "train_tokens": self.train_tokens,
+                "train_seconds": self.train_seconds,
+                "num_mems": [len(m) for m in self.mems],
+                "top_k": self.model.top_k,
+            },
+            optimizer=self.optimizer,
+            state_tensors=state,
+        )
+        ckpt.update_index(self.out_dir, latest=name, **{k: name for k in pointers})
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"run": self.config.to_dict(), "n_token": len(self.corpus.vocab), "kind": self.kind}
+
+    # ---------------------------------------------------------------- training
+    def train(self) -> dict[str, Any]:
+        """Train to config.train.steps, then evaluate on test at every k; returns results.json."""
+        cfg = self.config
+        t = cfg.train
+        metric = metric_name(self.kind)
+        bar = _progress_bar(t.steps, self.step, self.progress)
+        model, opt = self.model, self.optimizer
+        model.train()
+        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+        while self.step < t.steps:
+            k = cfg.train_top_k(self.step) if model.moe_layers() else None
+            if k is not None:
+                model.set_top_k(k)
+            lr = lr_at(self.step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            inp, target, seq_len = self.train_iter.get_batch(self.step % len(self.train_iter))
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss, out = self._forward_backward(inp, target)
+            if t.clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable_parameters(model), t.clip)
+            opt.step()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise HyperRouterError(
+                    f"training diverged at step {self.step} (loss {loss_value}); "
+                    f"try a lower train.lr or train.clip"
+                )
+            elapsed = time.perf_counter() - start
+            tokens = seq_len * t.batch_size
+            self.step += 1
+            self.train_tokens += tokens
+            self.train_seconds += elapsed
+            window_loss += loss_value
+            window_steps += 1
+            window_tokens += tokens
+            window_time += elapsed
+            bar.update(1)
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                mean = window_loss / window_steps
+                record = {
+                    "step": self.step,
+                    "split": "train",
+                    "loss": mean,
+                    metric: metric_value(mean, self.kind),
+                    "top_k": k,
+                    "lr": lr,
+                    "aux_loss": float(out.aux_loss),
+                    "tokens_per_second": window_tokens / max(window_time, 1e-9),
+                }
+                if out.moe_stats:
+                    record["router_entropy"] = float(
+                        sum(s.entropy for s in out.moe_stats) / len(out.moe_stats)
+                    )
+                self._metric(record)
+                bar.set_postfix(
+                    loss=f"{mean:.3f}",
+                    **{metric: f"{record[metric]:.3f}"},
+                    k=k if k is not None else "-",
+                    tok_s=f"{record['tokens_per_second']:.0f}",
+                )
+                window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+            if self.step % t.eval_interval == 0 or self.step == t.steps:
+                self._validate(k, metric, bar)
+        bar.close()
+        return self.final_test()
+
+    def _forward_backward(self, inp: Tensor, target: Tensor):
+        """Loss of one batch, backpropagated in `train.batch_chunk` column chunks (each with its
+        own memory) so that big batches fit in little memory; returns (mean loss, last output)."""
+        chunks = self.config.train.batch_chunk
+        if not self.mems:
+            self.mems = [[] for _ in range(chunks)]
+        loss_sum = 0.0
+        for i, (inp_i, target_i) in enumerate(
+            zip(inp.chunk(chunks, dim=1), target.chunk(chunks, dim=1))
+        ):
+            with autocast(self.device, self.config.train.amp):
+                out = self.model(inp_i, target_i, self.mems[i])
+            loss = out.loss.float()
+            total = loss + out.aux_loss if out.aux_loss.requires_grad else loss
+            (total / chunks).backward()
+            self.mems[i] = out.mems
+            loss_sum += loss.detach()
+        return loss_sum / chunks, out
+
+    def _validate(self, k: int | None, metric: str, bar) -> None:
+        cfg = self.config
+        kinds = {"best_train_k": k}
+        if self.model.moe_layers():
+            kinds["best_all_experts"] = self.model.num_experts
+        pointers = {}
+        for name, top_k in kinds.items():
+            result = evaluate(
+                self.model,
+                self.corpus.valid,
+                batch_size=cfg.eval.batch_size,
+                tgt_len=cfg.eval.tgt_len,
+                mem_len=eval_mem_len(cfg),
+                top_k=top_k,
+                device=self.device,
+                max_batches=cfg.eval.max_valid_batches,
+                amp=cfg.train.amp,
+            )
+            value = metric_value(result.loss, self.kind)
+            self._metric(
+                {
+                    "step": self.step,
+                    "split": "valid",
+                    "checkpoint": name,
+                    "top_k": top_k,
+                    "loss": result.loss,
+                    metric: value,
+                }
+            )
+            if name not in self.best or result.loss < self.best[name]:
+                self.best[name] = result.loss
+                pointers[name] = True
+            bar.write(
+                f"step {self.step}: valid {metric} {value:.4f} at k={top_k if top_k else '-'}"
+            )
+        if not self.model.moe_layers():
+            pointers["best_all_experts"] = pointers.get("best_train_k", False)
+        self._save(**{name: "" for name, better in pointers.items() if better})
+
+    def final_test(self) -> dict[str, Any]:
+        """Test at every inference k with the best all-experts checkpoint (as the reference)."""
+        cfg = self.config
+        folder = ckpt.resolve_checkpoint(self.out_dir, "best_all_experts")
+        model = cfg.build_model(len(self.corpus.vocab)).to(self.device)
+        ckpt.load_weights(model, folder)
+        ks = inference_ks(model, cfg)
+        by_k, speed = {}, {}
+        for k in ks:
+            result = evaluate(
+                model,
+                self.corpus.test,
+                batch_size=cfg.eval.batch_size,
+                tgt_len=cfg.eval.tgt_len,
+                mem_len=eval_mem_len(cfg),
+                top_k=k if model.moe_layers() else None,
+                device=self.device,
+                amp=cfg.train.amp,
+            )
+            by_k[str(k)] = metric_value(result.loss, self.kind)
+            speed[str(k)] = result.tokens_per_second
+            self._metric(
+                {
+                    "step": self.step,
+                    "split": "test",
+                    "top_k": k,
+                    "loss": result.loss,
+                    metric_name(self.kind): by_k[str(k)],
+                }
+            )
+        speed["train"] = self.train_tokens / max(self.train_seconds, 1e-9)
+        results = {
+            "metric": metric_name(self.kind),
+            "split": "test",
+            "by_top_k": by_k,
+            "tokens_per_second": speed,
+            "checkpoint": folder.name,
+            "steps": self.step,
+            "parameters": parameter_summary(model).as_dict(),
+        }
+        ckpt.write_json_atomic(self.out_dir / "results.json", results)
+        return results
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, desc="train", unit="step", disable=not enabled, leave=True
+    )
+
+
+def train_run(
+    config: RunConfig | None,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Train (or resume) a run in `out_dir`; returns the results.json contents."""
+    if config is None and not resume:
+        raise HyperRouterError("a config is needed to start a new run")
+    run = Run(config, Path(out_dir), resume=resume, progress=progress, log=log)
+    if run.step >= run.config.train.steps and (run.out_dir / "results.json").exists():
+        return ckpt.read_json(run.out_dir / "results.json")
+    return run.train()
