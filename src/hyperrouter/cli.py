@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from hyperrouter.errors import HyperRouterError
 
@@ -220,6 +221,95 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- compare / analyze
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train several routers under one budget; table, CSV, JSON and plots",
+        description=(
+            "Train every method (hyperrouter, smoe_dropout, smoe, dense, dense_dropout) from one "
+            "base config with several seeds, evaluate each at every inference k, analyse the "
+            "routers, and write table.md, table.csv, summary.json and PNG plots into --out. "
+            "Re-running continues an interrupted sweep; finished runs are reused."
+        ),
+    )
+    p.add_argument(
+        "--methods",
+        default="hyperrouter,smoe_dropout,smoe,dense,dense_dropout",
+        help="comma-separated methods (default: all five)",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    p.add_argument(
+        "--config", metavar="BASE", help="base preset or YAML (default enwik8-hyperrouter-cpu)"
+    )
+    p.add_argument("--data", metavar="PATH", help="corpus (overrides data.path)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config key (repeatable)",
+    )
+    p.add_argument("--out", required=True, metavar="SWEEP_DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from hyperrouter.analysis.compare import run_compare
+
+    run_compare(
+        args.out,
+        args.methods,
+        seeds=args.seeds,
+        base=args.config,
+        data=args.data,
+        overrides=args.overrides,
+        progress=False if args.no_progress else None,
+    )
+    print(Path(args.out, "table.md").read_text())
+    return 0
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="router entropy, expert load and diversity of a trained run",
+        description=(
+            "Per MoE layer on validation tokens at the training k: router entropy (mean, "
+            "histogram), expert load and its coefficient of variation, expert diversity (mean "
+            "pairwise cosine similarity of expert outputs), and routing changes between the "
+            "run's checkpoints. Writes analysis.json and routing.png."
+        ),
+    )
+    p.add_argument("path", metavar="RUN_DIR")
+    p.add_argument("--data", metavar="PATH", help="corpus (default: the run's own)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/analysis)")
+    p.add_argument("--tokens", type=int, default=8192, help="validation tokens to analyse")
+    p.set_defaults(handler=_analyze)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from hyperrouter.analysis.analyze import analyze_run
+
+    if args.tokens < 1:
+        raise HyperRouterError(f"--tokens must be >= 1, got {args.tokens}")
+    result = analyze_run(args.path, data=args.data, max_tokens=args.tokens, out_dir=args.out)
+    if not result["layers"]:
+        print(result["note"])
+        return 0
+    print(f"{'layer':>5}  {'entropy':>8}  {'load CV':>8}  {'expert cos':>10}")
+    for layer in result["layers"]:
+        print(
+            f"{layer['layer']:>5}  {layer['entropy_mean']:>8.3f}  {layer['load_cv']:>8.3f}  "
+            f"{layer['expert_similarity']:>10.3f}"
+        )
+    return 0
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -269,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_eval,
+    _add_compare,
+    _add_analyze,
     _add_data,
     _add_bench,
 ]

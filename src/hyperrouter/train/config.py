@@ -263,7 +263,7 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") or os.sep in name_or_path):
         path = _preset_dir() / f"{name_or_path}.yaml"
@@ -287,7 +287,7 @@ def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if base is not None:
         if base in seen:
             raise HyperRouterError(f"config {path} has a cyclic base chain: {' -> '.join(seen)}")
-        raw = _deep_merge(_load_raw(str(base), (*seen, str(base))), raw)
+        raw = _deep_merge(load_raw(str(base), (*seen, str(base))), raw)
     raw["name"] = own_name
     return raw
 
@@ -326,7 +326,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A preset (by name) or YAML file, with `--set` overrides applied, validated."""
-    raw = _load_raw(name_or_path or "quick")
+    raw = load_raw(name_or_path or "quick")
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw)
 

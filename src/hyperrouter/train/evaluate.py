@@ -190,20 +190,7 @@ def evaluate_checkpoint(
             raise HyperRouterError(f"--top-k values must be in [1, {limit}] (experts), got {bad}")
     corpus = load_matching_corpus(run, data)
     device = next(model.parameters()).device
-    by_k, speed = {}, {}
-    for k in ks:
-        result = evaluate(
-            model,
-            getattr(corpus, split),
-            batch_size=config.eval.batch_size,
-            tgt_len=config.eval.tgt_len,
-            mem_len=eval_mem_len(config),
-            top_k=k if model.moe_layers() else None,
-            device=device,
-            amp=config.train.amp,
-        )
-        by_k[str(k)] = metric_value(result.loss, run.kind)
-        speed[str(k)] = result.tokens_per_second
+    by_k, speed = evaluate_at_ks(model, getattr(corpus, split), config, run.kind, ks, device)
     return {
         "metric": metric_name(run.kind),
         "split": split,
@@ -211,3 +198,34 @@ def evaluate_checkpoint(
         "tokens_per_second": speed,
         "checkpoint": str(run.folder),
     }
+
+
+def evaluate_at_ks(
+    model: TransformerXL,
+    data: Tensor,
+    config: RunConfig,
+    kind: str,
+    ks: list[int],
+    device: torch.device,
+    on_result=None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """BPC/perplexity and inference tokens/s of `model` on `data` at every k (keys are str(k)).
+
+    `on_result(k, EvalResult)` is called after each k (the trainer logs it)."""
+    by_k, speed = {}, {}
+    for k in ks:
+        result = evaluate(
+            model,
+            data,
+            batch_size=config.eval.batch_size,
+            tgt_len=config.eval.tgt_len,
+            mem_len=eval_mem_len(config),
+            top_k=k if model.moe_layers() else None,
+            device=device,
+            amp=config.train.amp,
+        )
+        by_k[str(k)] = metric_value(result.loss, kind)
+        speed[str(k)] = result.tokens_per_second
+        if on_result is not None:
+            on_result(k, result)
+    return by_k, speed

@@ -26,6 +26,7 @@ from hyperrouter.train.evaluate import (
     autocast,
     eval_mem_len,
     evaluate,
+    evaluate_at_ks,
     inference_ks,
     lr_at,
     metric_name,
@@ -342,29 +343,17 @@ class Run:
         model = cfg.build_model(len(self.corpus.vocab)).to(self.device)
         ckpt.load_weights(model, folder)
         ks = inference_ks(model, cfg)
-        by_k, speed = {}, {}
-        for k in ks:
-            result = evaluate(
-                model,
-                self.corpus.test,
-                batch_size=cfg.eval.batch_size,
-                tgt_len=cfg.eval.tgt_len,
-                mem_len=eval_mem_len(cfg),
-                top_k=k if model.moe_layers() else None,
-                device=self.device,
-                amp=cfg.train.amp,
-            )
-            by_k[str(k)] = metric_value(result.loss, self.kind)
-            speed[str(k)] = result.tokens_per_second
+        metric = metric_name(self.kind)
+
+        def log_test(k: int, result) -> None:
+            value = metric_value(result.loss, self.kind)
             self._metric(
-                {
-                    "step": self.step,
-                    "split": "test",
-                    "top_k": k,
-                    "loss": result.loss,
-                    metric_name(self.kind): by_k[str(k)],
-                }
+                {"step": self.step, "split": "test", "top_k": k, "loss": result.loss, metric: value}
             )
+
+        by_k, speed = evaluate_at_ks(
+            model, self.corpus.test, cfg, self.kind, ks, self.device, on_result=log_test
+        )
         speed["train"] = self.train_tokens / max(self.train_seconds, 1e-9)
         results = {
             "metric": metric_name(self.kind),

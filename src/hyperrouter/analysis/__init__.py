@@ -1,0 +1,1 @@
+"""Routing statistics, run analysis, router comparisons (sweeps), tables and plots."""

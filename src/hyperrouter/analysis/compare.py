@@ -1,0 +1,345 @@
+"""`hyperrouter compare`: train several routing methods under one budget and tabulate them.
+
+Every method is the base config with a few keys changed, so everything else (steps, tokens,
+optimizer, LR schedule, model sizes) is identical:
+
+- hyperrouter:   moe.router = hyperrouter (keeps the base's router_options if it is one)
+- smoe_dropout:  moe.router = smoe_dropout (frozen random router)
+- smoe:          moe.router = smoe, fixed k = 2 (REFERENCE.md's trainable SMoE baseline)
+- dense:         no MoE layers; one FFN of width num_experts * d_expert; dropout 0
+- dense_dropout: the same dense model with the base's dropout (0.1 if the base has none)
+
+hyperrouter and smoe_dropout use the base's top-k schedule (paper: 8 -> 16). Seeds are
+train.seed + i. Runs live in SWEEP_DIR/runs/<method>-seed<seed>; finished runs are reused and an
+interrupted one resumes from its last checkpoint, so re-running the command continues a sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hyperrouter.analysis import plots
+from hyperrouter.analysis.analyze import analyze_run
+from hyperrouter.bench import machine_description
+from hyperrouter.data.corpus import load_corpus
+from hyperrouter.errors import HyperRouterError
+from hyperrouter.train import checkpoint as ckpt
+from hyperrouter.train.config import RunConfig, apply_overrides, config_from_dict, load_raw
+from hyperrouter.train.trainer import train_run
+
+METHODS = ("hyperrouter", "smoe_dropout", "smoe", "dense", "dense_dropout")
+DEFAULT_BASE = "enwik8-hyperrouter-cpu"
+SWEEP_FILE = "sweep.json"
+
+
+def method_overrides(method: str, base: RunConfig) -> list[str]:
+    """The `--set` overrides that turn the base config into `method`."""
+    moe = base.moe
+    if method == "hyperrouter":
+        keep = moe.router == "hyperrouter"
+        options = json.dumps(moe.router_options if keep else {})
+        return ["moe.router=hyperrouter", f"moe.router_options={options}"]
+    if method == "smoe_dropout":
+        return ["moe.router=smoe_dropout", "moe.router_options={}"]
+    if method == "smoe":
+        return [
+            "moe.router=smoe",
+            "moe.router_options={}",
+            "train.top_k_schedule=constant",
+            "train.top_k_min=2",
+            "train.top_k_max=2",
+        ]
+    if method in ("dense", "dense_dropout"):
+        dropout = 0.0 if method == "dense" else (base.model.dropout or 0.1)
+        return [
+            "moe.layers=[]",
+            f"model.d_inner={moe.num_experts * moe.d_expert}",
+            f"model.dropout={dropout}",
+        ]
+    raise HyperRouterError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise HyperRouterError(f"--methods needs at least one of {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise HyperRouterError(
+            f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}"
+        )
+    if len(set(methods)) != len(methods):
+        raise HyperRouterError(f"--methods lists a method twice: {text}")
+    return methods
+
+
+class Sweep:
+    """The runs of one comparison and the table made from them."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        methods: list[str],
+        seeds: int,
+        base: str | None = None,
+        data: str | None = None,
+        overrides: list[str] | None = None,
+    ) -> None:
+        if seeds < 1:
+            raise HyperRouterError(f"--seeds must be >= 1, got {seeds}")
+        self.out = Path(out)
+        self.methods = methods
+        raw = load_raw(base or DEFAULT_BASE)
+        extra = list(overrides or [])
+        if data is not None:
+            extra.append(f"data.path={data}")
+        raw = apply_overrides(raw, extra)
+        self.base = config_from_dict(raw)
+        self.raw = raw
+        self.seeds = [self.base.train.seed + i for i in range(seeds)]
+        self.configs = {
+            (m, s): config_from_dict(
+                apply_overrides(raw, [*method_overrides(m, self.base), f"train.seed={s}"])
+            )
+            for m in methods
+            for s in self.seeds
+        }
+        # bad data fails here, before anything is written
+        load_corpus(self.base.data.path, kind=self.base.data.kind)
+        self._check_or_create()
+
+    # ------------------------------------------------------------------ sweep folder
+    def _identity(self) -> dict[str, Any]:
+        base = self.base.to_dict()
+        base.pop("name", None)
+        base.pop("description", None)
+        return {"base": base}
+
+    def _check_or_create(self) -> None:
+        path = self.out / SWEEP_FILE
+        if path.is_file():
+            stored = ckpt.read_json(path)
+            if stored.get("base") != self._identity()["base"]:
+                raise HyperRouterError(
+                    f"{self.out} holds a sweep with a different configuration; use another --out "
+                    f"or the same --config/--data/--set as before"
+                )
+            return
+        if self.out.exists() and any(self.out.iterdir()):
+            raise HyperRouterError(f"{self.out} is not empty and holds no {SWEEP_FILE}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json_atomic(path, self._identity() | {"wall_seconds": {}})
+
+    def run_dir(self, method: str, seed: int) -> Path:
+        return self.out / "runs" / f"{method}-seed{seed}"
+
+    # ------------------------------------------------------------------ running
+    def run(self, progress: bool = True, log=print) -> dict[str, Any]:
+        jobs = [(m, s) for s in self.seeds for m in self.methods]
+        state = ckpt.read_json(self.out / SWEEP_FILE)
+        session_times: list[float] = []
+        for i, (method, seed) in enumerate(jobs, 1):
+            run_dir = self.run_dir(method, seed)
+            name = run_dir.name
+            if (run_dir / "results.json").is_file():
+                log(f"[{i}/{len(jobs)}] {name}: finished earlier, reused")
+                continue
+            remaining = len(jobs) - i + 1
+            eta = ""
+            if session_times:
+                eta = f" (ETA {_duration(statistics.mean(session_times) * remaining)})"
+            resume = (run_dir / "checkpoints" / ckpt.INDEX).is_file()
+            if run_dir.exists() and not resume:
+                shutil.rmtree(run_dir)  # killed before its first checkpoint: start it over
+            log(f"[{i}/{len(jobs)}] {name}: {'resuming' if resume else 'training'}{eta}")
+            start = time.perf_counter()
+            train_run(
+                None if resume else self.configs[(method, seed)],
+                run_dir,
+                resume=resume,
+                progress=progress,
+                log=log,
+            )
+            elapsed = time.perf_counter() - start
+            session_times.append(elapsed)
+            state["wall_seconds"][name] = state["wall_seconds"].get(name, 0.0) + elapsed
+            ckpt.write_json_atomic(self.out / SWEEP_FILE, state)
+        for method, seed in jobs:
+            run_dir = self.run_dir(method, seed)
+            if not (run_dir / "analysis" / "analysis.json").is_file():
+                analyze_run(run_dir, make_plots=True)
+        return self.summarize(state["wall_seconds"])
+
+    # ------------------------------------------------------------------ summary
+    def summarize(self, wall: dict[str, float]) -> dict[str, Any]:
+        ks = sorted({k for k in self.base.eval.top_ks if k <= self.base.moe.num_experts})
+        methods: dict[str, Any] = {}
+        curves: dict[str, list[tuple[int, float]]] = {}
+        metric = None
+        for method in self.methods:
+            results, analyses, run_curves = [], [], []
+            for seed in self.seeds:
+                run_dir = self.run_dir(method, seed)
+                res = ckpt.read_json(run_dir / "results.json")
+                metric = res["metric"]
+                results.append(res)
+                analyses.append(ckpt.read_json(run_dir / "analysis" / "analysis.json"))
+                run_curves.append(_valid_curve(run_dir / "metrics.jsonl"))
+            dense = not self.configs[(method, self.seeds[0])].moe.layers
+
+            def value(res: dict, k: int, key: str = "by_top_k", dense: bool = dense) -> float:
+                return res[key]["1"] if dense else res[key][str(k)]
+
+            methods[method] = {
+                "dense": dense,
+                "by_top_k": {str(k): _stats([value(r, k) for r in results]) for k in ks},
+                "tokens_per_second": {
+                    str(k): _stats([value(r, k, "tokens_per_second") for r in results]) for k in ks
+                },
+                "train_tokens_per_second": _stats(
+                    [r["tokens_per_second"]["train"] for r in results]
+                ),
+                "parameters": results[0]["parameters"],
+                "analysis": None
+                if dense
+                else {
+                    key: _stats([a["means"][key] for a in analyses])
+                    for key in ("entropy_mean", "load_cv", "expert_similarity")
+                },
+                "seeds": self.seeds,
+                "wall_seconds": _stats(
+                    [wall.get(self.run_dir(method, s).name, float("nan")) for s in self.seeds]
+                ),
+            }
+            curves[method] = _mean_curve(run_curves)
+        best = {
+            str(k): min(methods, key=lambda m: methods[m]["by_top_k"][str(k)]["mean"]) for k in ks
+        }
+        summary = {
+            "metric": metric,
+            "split": "test",
+            "ks": ks,
+            "methods": methods,
+            "best": best,
+            "base_config": self.base.to_dict(),
+            "machine": machine_description(),
+        }
+        ckpt.write_json_atomic(self.out / "summary.json", summary)
+        (self.out / "table.md").write_text(table_markdown(summary))
+        (self.out / "table.csv").write_text(table_csv(summary))
+        plots.sweep_plots(summary, curves, self.out)
+        return summary
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    finite = [v for v in values if not math.isnan(v)]
+    mean = statistics.mean(finite) if finite else float("nan")
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": mean, "std": std, "values": values}
+
+
+def _valid_curve(path: Path) -> list[tuple[int, float]]:
+    """Validation metric with all experts (or of the dense model) at each evaluation step."""
+    points = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] != "valid":
+            continue
+        all_experts = record.get("checkpoint") == "best_all_experts"
+        dense = record.get("top_k") is None
+        if all_experts or dense:
+            points.append((record["step"], record.get("bpc", record.get("ppl"))))
+    return points
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    return [(s, statistics.mean(v)) for s, v in sorted(by_step.items())]
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def table_markdown(summary: dict[str, Any]) -> str:
+    """The comparison as a Markdown table; the best mean of each k column in bold."""
+    ks, metric = summary["ks"], summary["metric"].upper()
+    head = ["method", "trainable params", "total params"]
+    head += [f"{metric} k={k}" for k in ks]
+    head += ["router entropy", "load CV", "expert cos-sim"]
+    head += [f"tok/s k={k}" for k in ks] + ["train tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in summary["methods"].items():
+        cells = [name + (" (dense)" if m["dense"] else "")]
+        cells += [f"{m['parameters']['trainable']:,}", f"{m['parameters']['total']:,}"]
+        for k in ks:
+            s = m["by_top_k"][str(k)]
+            text = f"{s['mean']:.4f} ± {s['std']:.4f}"
+            cells.append(f"**{text}**" if summary["best"][str(k)] == name else text)
+        for key in ("entropy_mean", "load_cv", "expert_similarity"):
+            a = m["analysis"]
+            cells.append("-" if a is None else f"{a[key]['mean']:.3f}")
+        cells += [f"{m['tokens_per_second'][str(k)]['mean']:,.0f}" for k in ks]
+        cells.append(f"{m['train_tokens_per_second']['mean']:,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = next(iter(summary["methods"].values()))["seeds"]
+    lines.append("")
+    lines.append(
+        f"Test {metric} (mean ± std over seeds {', '.join(map(str, seeds))}); best mean per "
+        f"column in bold. Dense models use all parameters at every k. Router statistics on "
+        f"validation tokens at the training k (mean over layers and seeds)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(summary: dict[str, Any]) -> str:
+    ks = summary["ks"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    header = ["method", "dense", "trainable_params", "total_params"]
+    for k in ks:
+        header += [f"k{k}_mean", f"k{k}_std"]
+    header += ["router_entropy", "load_cv", "expert_similarity"]
+    header += [f"tokens_per_second_k{k}" for k in ks] + ["train_tokens_per_second", "best_at"]
+    writer.writerow(header)
+    for name, m in summary["methods"].items():
+        row = [name, m["dense"], m["parameters"]["trainable"], m["parameters"]["total"]]
+        for k in ks:
+            row += [m["by_top_k"][str(k)]["mean"], m["by_top_k"][str(k)]["std"]]
+        a = m["analysis"]
+        row += [
+            "" if a is None else a[key]["mean"]
+            for key in ("entropy_mean", "load_cv", "expert_similarity")
+        ]
+        row += [m["tokens_per_second"][str(k)]["mean"] for k in ks]
+        row.append(m["train_tokens_per_second"]["mean"])
+        row.append(" ".join(str(k) for k in ks if summary["best"][str(k)] == name))
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def run_compare(
+    out: str | Path,
+    methods: str,
+    seeds: int = 3,
+    base: str | None = None,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    progress = sys.stderr.isatty() if progress is None else progress
+    sweep = Sweep(out, parse_methods(methods), seeds, base, data, overrides)
+    return sweep.run(progress=progress)

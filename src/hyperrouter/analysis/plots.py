@@ -1,0 +1,116 @@
+"""PNG plots (matplotlib, optional: without it plots are skipped with a note)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "note: matplotlib is not installed, no plots (pip install hyperrouter[plot])",
+            file=sys.stderr,
+        )
+        return None
+    return plt
+
+
+def analysis_plots(result: dict[str, Any], out: Path) -> list[Path]:
+    """Router entropy histograms and expert load per MoE layer."""
+    plt = _pyplot()
+    if plt is None or not result["layers"]:
+        return []
+    layers = result["layers"]
+    fig, axes = plt.subplots(2, len(layers), figsize=(3.2 * len(layers), 5.5), squeeze=False)
+    for col, layer in enumerate(layers):
+        hist = layer["entropy_histogram"]
+        edges = hist["edges"]
+        widths = [b - a for a, b in zip(edges, edges[1:])]
+        axes[0][col].bar(edges[:-1], hist["counts"], width=widths, align="edge", color="#4477aa")
+        axes[0][col].set_title(f"layer {layer['layer']}: H={layer['entropy_mean']:.2f}")
+        axes[0][col].set_xlabel("router entropy (nats)")
+        counts = layer["tokens_per_expert"]
+        axes[1][col].bar(range(len(counts)), counts, color="#cc6677")
+        axes[1][col].set_title(f"load CV {layer['load_cv']:.2f}")
+        axes[1][col].set_xlabel("expert")
+    axes[0][0].set_ylabel("tokens")
+    axes[1][0].set_ylabel(f"assignments (k={result.get('top_k')})")
+    fig.tight_layout()
+    path = out / "routing.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def sweep_plots(
+    summary: dict[str, Any], curves: dict[str, list[tuple[int, float]]], out: Path
+) -> list[Path]:
+    """Quality vs active experts, quality vs inference speed, validation curves."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    metric = summary["metric"].upper()
+    paths = []
+    methods = summary["methods"]
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {name: colors[i % len(colors)] for i, name in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, m in methods.items():
+        ks = [int(k) for k in m["by_top_k"]]
+        means = [m["by_top_k"][k]["mean"] for k in m["by_top_k"]]
+        stds = [m["by_top_k"][k]["std"] for k in m["by_top_k"]]
+        if m["dense"]:
+            ax.axhline(
+                means[0], linestyle="--", linewidth=1, label=f"{name} (dense)", color=color[name]
+            )
+        else:
+            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=name, color=color[name])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("experts used per token at inference (k)")
+    ax.set_ylabel(f"test {metric} (lower is better)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "quality_vs_k.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, m in methods.items():
+        xs = [m["tokens_per_second"][k]["mean"] for k in m["by_top_k"]]
+        ys = [m["by_top_k"][k]["mean"] for k in m["by_top_k"]]
+        ax.plot(xs, ys, marker="o", label=name, color=color[name])
+        if not m["dense"]:
+            for k, x, y in zip(m["by_top_k"], xs, ys):
+                ax.annotate(f"k={k}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("inference tokens / second (measured)")
+    ax.set_ylabel(f"test {metric}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "quality_vs_speed.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, points in curves.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker=".", label=name, color=color.get(name))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"validation {metric} (all experts; mean over seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "valid_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,202 @@
+"""Routing statistics on constructed cases; `analyze` and `compare` end to end on tiny runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyperrouter.analysis import compare as compare_mod
+from hyperrouter.analysis.analyze import analyze_run
+from hyperrouter.analysis.routing import (
+    coefficient_of_variation,
+    entropy_per_token,
+    expert_load,
+    expert_similarity,
+    routing_agreement,
+)
+from hyperrouter.cli import main
+from hyperrouter.train.config import config_from_dict, load_config
+from hyperrouter.train.trainer import train_run
+from tests.test_train import tiny_config
+
+E = 8
+
+
+def test_one_hot_router_has_zero_entropy_and_maximal_imbalance() -> None:
+    logits = torch.full((100, E), -1e4)
+    logits[:, 3] = 0.0
+    assert entropy_per_token(logits).abs().max() < 1e-6
+    counts = expert_load(logits.topk(1).indices, E)
+    assert counts.tolist() == [0, 0, 0, 100, 0, 0, 0, 0]
+    assert coefficient_of_variation(counts) == pytest.approx(math.sqrt(E - 1))
+
+
+def test_uniform_router_has_maximal_entropy_and_balanced_load() -> None:
+    assert entropy_per_token(torch.zeros(5, E)).tolist() == pytest.approx([math.log(E)] * 5)
+    balanced = expert_load(torch.arange(E * 3).remainder(E)[:, None], E)
+    assert coefficient_of_variation(balanced) == 0.0
+
+
+def test_expert_similarity_known_cases() -> None:
+    same = torch.randn(1, 50, 16).expand(4, 50, 16)
+    assert expert_similarity(same) == pytest.approx(1.0)
+    opposite = torch.stack([same[0], -same[0]])
+    assert expert_similarity(opposite) == pytest.approx(-1.0)
+    basis = torch.eye(4)[:, None, :].expand(4, 10, 4)  # orthogonal experts
+    assert expert_similarity(basis) == pytest.approx(0.0)
+
+
+def test_routing_agreement() -> None:
+    logits = torch.randn(30, E)
+    assert routing_agreement(logits, logits, 2) == {"top1_changed": 0.0, "topk_jaccard": 1.0}
+    flipped = routing_agreement(logits, -logits, 1)
+    assert flipped["top1_changed"] == 1.0 and flipped["topk_jaccard"] == 0.0
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("HYPERROUTER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "text.txt"
+    path.write_bytes(b"pack my box with five dozen liquor jugs. " * 200)
+    return path
+
+
+def test_analyze_a_trained_run(tmp_path, corpus, capsys) -> None:
+    run = tmp_path / "run"
+    train_run(config_from_dict(tiny_config(corpus)), run, progress=False, log=lambda _: None)
+    result = analyze_run(run, max_tokens=200, diversity_tokens=32)
+    assert len(result["layers"]) == 2 and result["top_k"] == 4
+    for layer in result["layers"]:
+        assert 0 <= layer["entropy_mean"] <= math.log(4) + 1e-6
+        assert sum(layer["tokens_per_expert"]) == layer["tokens"] * 4 == 200 * 4
+        assert -1 <= layer["expert_similarity"] <= 1
+        assert sum(layer["entropy_histogram"]["counts"]) == 200
+    on_disk = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert on_disk["means"] == result["means"]
+    assert (run / "analysis" / "routing.png").is_file()
+    assert main(["analyze", str(run), "--tokens", "64", "--out", str(tmp_path / "a2")]) == 0
+    assert "entropy" in capsys.readouterr().out
+
+
+def _tiny_yaml(tmp_path: Path, corpus: Path) -> Path:
+    import yaml
+
+    cfg = tiny_config(corpus, train={"steps": 4, "eval_interval": 2, "log_interval": 2})
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_compare_end_to_end_and_resume(tmp_path, corpus, monkeypatch) -> None:
+    base = _tiny_yaml(tmp_path, corpus)
+    out = tmp_path / "sweep"
+    args = [
+        "compare",
+        "--methods",
+        "hyperrouter,dense",
+        "--seeds",
+        "2",
+        "--config",
+        str(base),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "bpc" and summary["ks"] == [1, 2, 4]
+    assert set(summary["methods"]) == {"hyperrouter", "dense"}
+    hyper = summary["methods"]["hyperrouter"]
+    assert len(hyper["by_top_k"]["1"]["values"]) == 2
+    assert summary["methods"]["dense"]["dense"] and summary["methods"]["dense"]["analysis"] is None
+    assert hyper["analysis"]["entropy_mean"]["mean"] > 0
+    assert (
+        hyper["parameters"]["frozen"] > 0
+        and summary["methods"]["dense"]["parameters"]["frozen"] == 0
+    )
+    # the table, the CSV and the JSON agree
+    rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").open())}
+    table = (out / "table.md").read_text()
+    for method, m in summary["methods"].items():
+        for k in ("1", "2", "4"):
+            stats = m["by_top_k"][k]
+            assert float(rows[method][f"k{k}_mean"]) == pytest.approx(stats["mean"])
+            assert f"{stats['mean']:.4f} ± {stats['std']:.4f}" in table
+            assert stats["mean"] == pytest.approx(sum(stats["values"]) / 2)
+        for seed, value in zip(m["seeds"], m["by_top_k"]["4"]["values"]):
+            res = json.loads((out / "runs" / f"{method}-seed{seed}" / "results.json").read_text())
+            assert res["by_top_k"]["1" if m["dense"] else "4"] == value
+    for k, best in summary["best"].items():
+        assert f"**{summary['methods'][best]['by_top_k'][k]['mean']:.4f}" in table
+        assert k in rows[best]["best_at"].split()
+    for png in ("quality_vs_k.png", "quality_vs_speed.png", "valid_curves.png"):
+        assert (out / png).stat().st_size > 1000
+
+    # half-finished sweep: one run lost its results; only that one trains again (and resumes)
+    lost = out / "runs" / "dense-seed1112" / "results.json"
+    lost.unlink()
+    calls = []
+    real = compare_mod.train_run
+
+    def counting(config, run_dir, **kwargs):
+        calls.append((Path(run_dir).name, kwargs["resume"]))
+        return real(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "train_run", counting)
+    assert main(args) == 0
+    assert calls == [("dense-seed1112", True)]
+    assert lost.is_file()
+
+
+def test_methods_match_the_cpu_presets() -> None:
+    base = load_config("enwik8-hyperrouter-cpu")
+    for method in ("smoe_dropout", "smoe", "dense", "dense_dropout"):
+        made = load_config("enwik8-hyperrouter-cpu", compare_mod.method_overrides(method, base))
+        preset = load_config(f"enwik8-{method}-cpu")
+        assert made.to_dict() | {"name": "", "description": ""} == preset.to_dict() | {
+            "name": "",
+            "description": "",
+        }, method
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--methods", "hyperrouter,magic"], "unknown method(s) magic"),
+        (["--methods", ","], "--methods needs at least one"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+    ],
+)
+def test_compare_bad_input(tmp_path, corpus, capsys, args, message) -> None:
+    out = tmp_path / "sweep"
+    base = _tiny_yaml(tmp_path, corpus)
+    code = main(["compare", "--config", str(base), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_compare_refuses_a_sweep_of_another_configuration(tmp_path, corpus, capsys) -> None:
+    base = _tiny_yaml(tmp_path, corpus)
+    out = tmp_path / "sweep"
+    args = [
+        "compare",
+        "--methods",
+        "dense",
+        "--seeds",
+        "1",
+        "--config",
+        str(base),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--set", "train.lr=0.1"]) == 2
+    assert "holds a sweep with a different configuration" in capsys.readouterr().err
