@@ -371,3 +371,18 @@ def test_hand_written_backward_passes_gradcheck_with_dropout(backend: str, activ
 
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16_runs_every_backend(backend: str) -> None:
+    """Under torch.autocast the experts run in the autocast dtype; grads reach fp32 params."""
+    layer = make_layer("hyperrouter").train()
+    x = torch.randn(24, D, requires_grad=True)
+    ref = layer(x, top_k=2, backend="reference").detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, top_k=2, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float().detach(), ref) < 3e-2
+    out.float().square().mean().backward()
+    assert x.grad is not None and layer.experts.w_in.grad.dtype == torch.float32
+    assert layer.router.embedding.grad is not None

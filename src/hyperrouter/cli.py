@@ -221,6 +221,63 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- finetune
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained run on SST-2, SST-5, IMDB or BANKING77",
+        description=(
+            "Fine-tune the best all-experts checkpoint of a pretraining run (--init) on a "
+            "classification task, choose the checkpoint on a validation split that is not the "
+            "reported test split, and report test accuracy at every inference k. Without --init "
+            "the same model is trained from scratch (a control)."
+        ),
+    )
+    p.add_argument("--task", help="sst2, sst5, imdb or banking77 (overrides the preset's)")
+    p.add_argument("--data", metavar="PATH", help="task data folder (see hyperrouter.data.tasks)")
+    p.add_argument("--init", metavar="RUN_DIR", help="pretrained run (omit to train from scratch)")
+    p.add_argument(
+        "--config",
+        metavar="NAME_OR_PATH",
+        help="finetune preset or YAML (default: <task>-cpu; see --list-configs)",
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", metavar="RUN_DIR", help="output folder (default runs/finetune-<task>)")
+    p.add_argument("--list-configs", action="store_true", help="list finetune presets and exit")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_finetune)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from hyperrouter.data.tasks import TASKS
+    from hyperrouter.train.config import list_presets
+    from hyperrouter.train.finetune import finetune_run, load_finetune_config
+
+    if args.list_configs:
+        presets = list_presets("finetune")
+        width = max(map(len, presets))
+        for name, description in presets.items():
+            print(f"{name:<{width}}  {description}")
+        return 0
+    if args.task is not None and args.task not in TASKS:
+        raise HyperRouterError(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.append(f"task={args.task}")
+    if args.data:
+        overrides.append(f"data={args.data}")
+    config = load_finetune_config(args.config or f"{args.task or 'sst2'}-cpu", overrides)
+    out = args.out or f"runs/finetune-{config.task}"
+    results = finetune_run(config, out, init=args.init, progress=not args.no_progress)
+    print(f"{'k':>4}  {'accuracy':>8}  {'examples/s':>10}")
+    for k, value in results["by_top_k"].items():
+        print(f"{k:>4}  {value:>8.4f}  {results['examples_per_second'][k]:>10.0f}")
+    print(f"results: {out}/results.json")
+    return 0
+
+
 # --------------------------------------------------------------------------- compare / analyze
 
 
@@ -359,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_eval,
+    _add_finetune,
     _add_compare,
     _add_analyze,
     _add_data,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,15 @@ from hyperrouter.errors import HyperRouterError
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 BACKENDS = ("auto", "reference", "grouped", "grouped_mm", "dense")
+
+
+class ExpertWeights(NamedTuple):
+    """The four stacked tensors a backend computes with (possibly cast for autocast)."""
+
+    w_in: Tensor
+    b_in: Tensor | None
+    w_out: Tensor
+    b_out: Tensor | None
 
 
 class Experts(nn.Module):
@@ -86,14 +96,23 @@ class Experts(nn.Module):
         a = _activate(self.activation, h)
         return F.dropout(a, self.dropout, self.training) if self.dropout > 0 else a
 
-    def expert_forward(self, e: int, x_ND: Tensor) -> Tensor:
+    def weights(self, dtype: torch.dtype | None = None) -> ExpertWeights:
+        """The parameters, cast to `dtype` (autocast) when given; the cast is differentiable."""
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+        return ExpertWeights(cast(self.w_in), cast(self.b_in), cast(self.w_out), cast(self.b_out))
+
+    def expert_forward(self, e: int, x_ND: Tensor, weights: ExpertWeights | None = None) -> Tensor:
         """Expert e applied to rows x_ND, written the obvious way (used by `reference`)."""
-        h = x_ND @ self.w_in[e]
-        if self.b_in is not None:
-            h = h + self.b_in[e]
-        y = self.hidden(h) @ self.w_out[e]
-        if self.b_out is not None:
-            y = y + self.b_out[e]
+        w = weights or self.weights()
+        h = x_ND @ w.w_in[e]
+        if w.b_in is not None:
+            h = h + w.b_in[e]
+        y = self.hidden(h) @ w.w_out[e]
+        if w.b_out is not None:
+            y = y + w.b_out[e]
         return y
 
 
@@ -110,7 +129,12 @@ def _activate(activation: str, h: Tensor) -> Tensor:
 
 
 def reference_backend(
-    experts: Experts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, keep_TK: Tensor | None
+    experts: Experts,
+    weights: ExpertWeights,
+    x_TD: Tensor,
+    ids_TK: Tensor,
+    weights_TK: Tensor,
+    keep_TK: Tensor | None,
 ) -> Tensor:
     """Loop over experts; each picks its (token, slot) pairs with a mask. Slow and obvious."""
     out_TD = torch.zeros_like(x_TD)
@@ -121,7 +145,7 @@ def reference_backend(
         token_idx, slot_idx = mask_TK.nonzero(as_tuple=True)
         if token_idx.numel() == 0:
             continue
-        y_ND = experts.expert_forward(e, x_TD[token_idx])
+        y_ND = experts.expert_forward(e, x_TD[token_idx], weights)
         w_N1 = weights_TK[token_idx, slot_idx].unsqueeze(-1).to(y_ND.dtype)
         out_TD = out_TD.index_add(0, token_idx, y_ND * w_N1)
     return out_TD
@@ -291,9 +315,9 @@ def _activation_backward(activation: str, grad_a: Tensor, saved_h: Tensor) -> Te
     return torch.cat([grad_gate, grad_a * silu_gate], dim=-1)
 
 
-def _run_loop(experts: Experts, x_TD: Tensor, plan: _LoopPlan) -> Tensor:
+def _run_loop(experts: Experts, weights: ExpertWeights, x_TD: Tensor, plan: _LoopPlan) -> Tensor:
     dropout = experts.dropout if experts.training else 0.0
-    args = (experts.w_in, experts.b_in, experts.w_out, experts.b_out)
+    args = tuple(weights)
     tensors = (x_TD, plan.row_weights, *args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ExpertLoop.apply(x_TD, plan.row_weights, *args, plan, experts.activation, dropout)
@@ -314,20 +338,30 @@ def _sort_by_expert(
 
 
 def grouped_backend(
-    experts: Experts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, keep_TK: Tensor | None
+    experts: Experts,
+    weights: ExpertWeights,
+    x_TD: Tensor,
+    ids_TK: Tensor,
+    weights_TK: Tensor,
+    keep_TK: Tensor | None,
 ) -> Tensor:
     """Sorted rows per expert through the expert loop (or torch._grouped_mm where that is fast)."""
     if grouped_mm_fast(x_TD.device, x_TD.dtype, experts):
-        return grouped_mm_backend(experts, x_TD, ids_TK, weights_TK, keep_TK)
+        return grouped_mm_backend(experts, weights, x_TD, ids_TK, weights_TK, keep_TK)
     top_k = ids_TK.shape[1]
     rows, counts_E = _sort_by_expert(ids_TK, keep_TK, experts.num_experts)
     tokens = torch.div(rows, top_k, rounding_mode="floor")
     row_weights = weights_TK.reshape(-1).index_select(0, rows).to(x_TD.dtype)
-    return _run_loop(experts, x_TD, _LoopPlan(counts_E.tolist(), tokens, row_weights))
+    return _run_loop(experts, weights, x_TD, _LoopPlan(counts_E.tolist(), tokens, row_weights))
 
 
 def dense_backend(
-    experts: Experts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, keep_TK: Tensor | None
+    experts: Experts,
+    weights: ExpertWeights,
+    x_TD: Tensor,
+    ids_TK: Tensor,
+    weights_TK: Tensor,
+    keep_TK: Tensor | None,
 ) -> Tensor:
     """Every expert on every token with [T, E] combine weights (0 where not selected); no gather."""
     num_tokens, num_experts = x_TD.shape[0], experts.num_experts
@@ -335,7 +369,7 @@ def dense_backend(
     if keep_TK is not None:
         w_TK = w_TK * keep_TK
     w_TE = x_TD.new_zeros(num_tokens, num_experts).scatter(1, ids_TK, w_TK)
-    return _run_loop(experts, x_TD, _LoopPlan([num_tokens] * num_experts, None, w_TE))
+    return _run_loop(experts, weights, x_TD, _LoopPlan([num_tokens] * num_experts, None, w_TE))
 
 
 # --------------------------------------------------------------------------- torch._grouped_mm
@@ -379,7 +413,12 @@ def grouped_mm_fast(device: torch.device, dtype: torch.dtype, experts: Experts) 
 
 
 def grouped_mm_backend(
-    experts: Experts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, keep_TK: Tensor | None
+    experts: Experts,
+    weights: ExpertWeights,
+    x_TD: Tensor,
+    ids_TK: Tensor,
+    weights_TK: Tensor,
+    keep_TK: Tensor | None,
 ) -> Tensor:
     """Sorted rows gathered once, torch._grouped_mm for both layers, gathered back, weighted sum."""
     if not grouped_mm_available():
@@ -397,18 +436,18 @@ def grouped_mm_backend(
     x_PD = x_TD.unsqueeze(1).expand(num_tokens, top_k, d_model).reshape(num_pairs, d_model)
     x_ND = _PermuteRows.apply(x_PD, rows, inverse)
     expert_of_row = None
-    if experts.b_in is not None:
+    if weights.b_in is not None or weights.b_out is not None:
         expert_of_row = torch.repeat_interleave(
             torch.arange(experts.num_experts, device=x_TD.device),
             counts_E,
             output_size=rows.numel(),
         )
-    h = torch._grouped_mm(x_ND, experts.w_in, offs=offsets)
-    if experts.b_in is not None:
-        h = h + experts.b_in.index_select(0, expert_of_row)
-    y_ND = torch._grouped_mm(experts.hidden(h), experts.w_out, offs=offsets)
-    if experts.b_out is not None:
-        y_ND = y_ND + experts.b_out.index_select(0, expert_of_row)
+    h = torch._grouped_mm(x_ND, weights.w_in, offs=offsets)
+    if weights.b_in is not None:
+        h = h + weights.b_in.index_select(0, expert_of_row)
+    y_ND = torch._grouped_mm(experts.hidden(h), weights.w_out, offs=offsets)
+    if weights.b_out is not None:
+        y_ND = y_ND + weights.b_out.index_select(0, expert_of_row)
     if inverse is not None:
         y_PD = _PermuteRows.apply(y_ND, inverse, rows)
     else:
@@ -419,7 +458,7 @@ def grouped_mm_backend(
 
 # --------------------------------------------------------------------------- choice and capacity
 
-Backend = Callable[[Experts, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+Backend = Callable[[Experts, ExpertWeights, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 BACKEND_FUNCTIONS: dict[str, Backend] = {
     "reference": reference_backend,

@@ -156,6 +156,9 @@ class MoE(nn.Module):
         if self.router.uses_all_experts:
             k = self.num_experts
 
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         x_TD = x.reshape(-1, self.d_model)
         token_idx = None
         if mask is not None:
@@ -177,14 +180,24 @@ class MoE(nn.Module):
             backend_name = choose_backend(num_tokens, self.num_experts, k, x.device, x.dtype)
 
         if num_tokens == 0:
-            y_TD = x_TD.new_zeros(0, self.d_model)
+            y_TD = x_TD.new_zeros(0, self.d_model, dtype=compute_dtype)
         else:
             run = BACKEND_FUNCTIONS[backend_name]
-            y_TD = run(self.experts, x_TD, routing.expert_ids, routing.weights, keep_TK)
+            weights = self.experts.weights(compute_dtype if autocast else None)
+            with torch.autocast(device_type, enabled=False):  # the backends cast explicitly
+                y_TD = run(
+                    self.experts,
+                    weights,
+                    x_TD.to(compute_dtype),
+                    routing.expert_ids,
+                    routing.weights,
+                    keep_TK,
+                )
 
         if token_idx is not None:
-            y_TD = x.new_zeros(x.shape[:-1].numel(), self.d_model).index_copy(0, token_idx, y_TD)
-        output = y_TD.view(x.shape)
+            full = y_TD.new_zeros(x.shape[:-1].numel(), self.d_model)
+            y_TD = full.index_copy(0, token_idx, y_TD)
+        output = y_TD.view(*x.shape[:-1], self.d_model)
         if not return_details:
             return output
         return MoEOutput(

@@ -241,6 +241,11 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and ill-typed values."""
+    return _from_dict(cls, data)
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """A validated RunConfig from a (possibly partial) nested dict."""
     return _from_dict(RunConfig, data).validate()
@@ -249,26 +254,31 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 # --------------------------------------------------------------------------- presets
 
 
-def _preset_dir() -> Path:
-    return Path(str(resources.files("hyperrouter") / "configs"))
+PRESET_KINDS = ("train", "finetune")
 
 
-def list_presets() -> dict[str, str]:
-    """Preset name -> one-line description."""
+def _preset_dir(kind: str = "train") -> Path:
+    root = Path(str(resources.files("hyperrouter") / "configs"))
+    return root if kind == "train" else root / kind
+
+
+def list_presets(kind: str = "train") -> dict[str, str]:
+    """Preset name -> one-line description (`kind` train or finetune)."""
     out = {}
-    for path in sorted(_preset_dir().glob("*.yaml")):
+    for path in sorted(_preset_dir(kind).glob("*.yaml")):
         raw = yaml.safe_load(path.read_text()) or {}
         lines = str(raw.get("description", "")).strip().splitlines()
         out[path.stem] = lines[0] if lines else ""
     return out
 
 
-def load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_raw(name_or_path: str, seen: tuple[str, ...] = (), kind: str = "train") -> dict[str, Any]:
+    """The raw dict of a preset (by name, of `kind`) or YAML file, with its base chain merged."""
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") or os.sep in name_or_path):
-        path = _preset_dir() / f"{name_or_path}.yaml"
+        path = _preset_dir(kind) / f"{name_or_path}.yaml"
         if not path.is_file():
-            names = list(list_presets())
+            names = list(list_presets(kind))
             raise HyperRouterError(
                 f"unknown preset {name_or_path!r}{_suggest(name_or_path, names)}"
             )
@@ -287,7 +297,7 @@ def load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if base is not None:
         if base in seen:
             raise HyperRouterError(f"config {path} has a cyclic base chain: {' -> '.join(seen)}")
-        raw = _deep_merge(load_raw(str(base), (*seen, str(base))), raw)
+        raw = _deep_merge(load_raw(str(base), (*seen, str(base)), kind), raw)
     raw["name"] = own_name
     return raw
 

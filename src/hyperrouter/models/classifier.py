@@ -1,0 +1,70 @@
+"""A text classifier on top of a (pretrained) Transformer-XL body, as in the paper's Table 2.
+
+Each example is encoded on its own (no memory carried between unrelated examples), right-padded
+within a batch. Causal attention means real tokens never see the padding after them, and the
+padding is not routed by the MoE layers (so it adds nothing to router statistics or losses).
+The head is the reference's Linear(d, d) -> Tanh -> Dropout -> Linear(d, classes) on the last
+real token (`pooling="last"`) or on the mean of the real tokens (`pooling="mean"`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hyperrouter.errors import HyperRouterError
+from hyperrouter.models.adaptive import AdaptiveEmbedding
+from hyperrouter.models.transformer_xl import TransformerXL
+
+POOLINGS = ("last", "mean")
+
+
+class Classifier(nn.Module):
+    """Transformer-XL body + classification head. `new_vocab_size` replaces the input embedding
+    with a freshly initialised one (for a task vocabulary); the LM's output softmax is dropped."""
+
+    def __init__(
+        self,
+        body: TransformerXL,
+        num_classes: int,
+        *,
+        pooling: str = "last",
+        head_dropout: float = 0.1,
+        new_vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise HyperRouterError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
+        if num_classes < 2:
+            raise HyperRouterError(f"a classifier needs at least 2 classes, got {num_classes}")
+        body.crit = None  # the LM softmax is not used (and would keep stale tied weights alive)
+        body.mem_len = 0  # no memory between unrelated examples
+        if new_vocab_size is not None:
+            d_model = body.config.d_model
+            body.word_emb = AdaptiveEmbedding(new_vocab_size, d_model, d_model, [])
+            nn.init.normal_(body.word_emb.emb_layers[0].weight, 0.0, body.config.init_std)
+        self.body = body
+        self.pooling = pooling
+        d_model = body.config.d_model
+        self.head = nn.Sequential(
+            nn.Linear(d_model, d_model),
+            nn.Tanh(),
+            nn.Dropout(head_dropout),
+            nn.Linear(d_model, num_classes),
+        )
+        for layer in (self.head[0], self.head[3]):
+            nn.init.normal_(layer.weight, 0.0, body.config.init_std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, list]:
+        """tokens [L, B] (right-padded), lengths [B] -> (logits [B, C], aux loss, MoE stats)."""
+        max_len, batch = tokens.shape
+        positions = torch.arange(max_len, device=tokens.device)[:, None]
+        mask = positions < lengths[None, :]
+        hidden, _, aux, stats = self.body.body(tokens, None, token_mask=mask)
+        if self.pooling == "last":
+            pooled = hidden[lengths - 1, torch.arange(batch, device=tokens.device)]
+        else:
+            weights = mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(0) / lengths.to(hidden.dtype).unsqueeze(-1)
+        return self.head(pooled), aux, stats
