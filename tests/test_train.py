@@ -412,3 +412,18 @@ def test_batch_chunks_give_the_same_training(tmp_path, corpus) -> None:
         assert results[1]["by_top_k"][k] == pytest.approx(value, rel=1e-4)
     with pytest.raises(ValueError, match="train.batch_chunk must divide"):
         config_from_dict(tiny_config(corpus, train={"batch_chunk": 3}))
+
+
+def test_default_run_folder_never_overwrites(tmp_path, corpus, capsys, monkeypatch) -> None:
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(
+        yaml.safe_dump(tiny_config(corpus, train={"steps": 2, "eval_interval": 2}))
+    )
+    for _ in range(2):
+        code, out, _ = run_cli(["train", "--config", "tiny.yaml", "--no-progress"], capsys)
+        assert code == 0
+    assert (tmp_path / "runs" / "tiny" / "results.json").is_file()
+    assert (tmp_path / "runs" / "tiny-2" / "results.json").is_file()
+    assert "runs/tiny-2/results.json" in out

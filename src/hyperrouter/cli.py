@@ -137,7 +137,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="preset name or YAML file (default: quick; see --list-configs)",
     )
     p.add_argument("--data", metavar="PATH", help="corpus file or folder (overrides data.path)")
-    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<preset>)")
+    p.add_argument("--out", metavar="RUN_DIR",
+                   help="run folder (default runs/<preset>, or runs/<preset>-2 ... if taken)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -168,13 +169,22 @@ def _train(args: argparse.Namespace) -> int:
     config = None
     if not args.resume or args.config or overrides:
         config = load_config(args.config, overrides)
-    out = args.out or f"runs/{config.name if config else 'run'}"
     if args.resume and not args.out:
         raise HyperRouterError("--resume needs --out RUN_DIR (the run to continue)")
+    out = args.out or _fresh_dir(f"runs/{config.name}")
     results = train_run(config, out, resume=args.resume, progress=not args.no_progress)
     print(_results_table(results))
     print(f"results: {out}/results.json")
     return 0
+
+
+def _fresh_dir(base: str) -> str:
+    """`base`, or base-2, base-3, ... : the first that does not hold files yet."""
+    candidate, n = base, 1
+    while Path(candidate).exists() and any(Path(candidate).iterdir()):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
 
 
 def _results_table(results: dict) -> str:
@@ -269,7 +279,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"data={args.data}")
     config = load_finetune_config(args.config or f"{args.task or 'sst2'}-cpu", overrides)
-    out = args.out or f"runs/finetune-{config.task}"
+    out = args.out or _fresh_dir(f"runs/finetune-{config.task}")
     results = finetune_run(config, out, init=args.init, progress=not args.no_progress)
     print(f"{'k':>4}  {'accuracy':>8}  {'examples/s':>10}")
     for k, value in results["by_top_k"].items():
