@@ -161,7 +161,7 @@ def test_sst_trees_root_labels_and_leaves(tmp_path) -> None:
         ("(3 (2 It) word)", "a node holds both a word and subtrees"),
         ("(3 (2 two words))", "a leaf holds one word"),
         ("(3 (2 It) (2))", "a node has neither a word nor subtrees"),
-        ("( (2 It))", "every .(. must be followed by a label"),
+        ("( (2 It))", r"every '\(' must be followed by a label"),
         ("3 It", "expected a tree"),
     ):
         with raises(rf"b.txt:2: {message}"):
@@ -319,7 +319,7 @@ def test_load_task_max_examples_and_file_paths(tmp_path) -> None:
 
     # a directory with several sst2 formats needs one of its files to choose
     both = sst_sentence_dir(glue_dir(tmp_path / "both"))
-    with raises("holds GLUE SST-2 and SST sentence files files for sst2; pass one of the files"):
+    with raises("holds GLUE SST-2 and SST sentence files data for sst2; pass one of the files"):
         load_task("sst2", both)
     assert load_task("sst2", both / "dev.tsv").test.texts == ["d0", "d1"]
     assert load_task("sst2", both / "stsa.binary.train").valid_source == "dev file"

@@ -137,8 +137,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="preset name or YAML file (default: quick; see --list-configs)",
     )
     p.add_argument("--data", metavar="PATH", help="corpus file or folder (overrides data.path)")
-    p.add_argument("--out", metavar="RUN_DIR",
-                   help="run folder (default runs/<preset>, or runs/<preset>-2 ... if taken)")
+    p.add_argument(
+        "--out",
+        metavar="RUN_DIR",
+        help="run folder (default runs/<preset>, or runs/<preset>-2 ... if taken)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",

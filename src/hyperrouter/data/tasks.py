@@ -83,6 +83,7 @@ class ClassificationSplit:
         )
 
     def origin(self, i: int) -> str:
+        """Where example i came from, for error messages."""
         return self.origins[i] if self.origins else f"example {i + 1}"
 
 
@@ -483,7 +484,7 @@ def _check_labels(
 
 # what a task loader returns: label names, train, valid (None: carve it), test, train file, source
 _Loaded = tuple[
-    list[str], ClassificationSplit, "ClassificationSplit | None", ClassificationSplit, Path, str
+    list[str], ClassificationSplit, ClassificationSplit | None, ClassificationSplit, Path, str
 ]
 
 # (format, files it needs) per task
@@ -516,7 +517,7 @@ def _pick_format(task: str, root: Path, chosen_file: str | None) -> tuple[str, l
     found = [(name, paths) for name, paths in found if all(p.is_file() for p in paths)]
     if len(found) > 1:
         raise HyperRouterError(
-            f"{root} holds {' and '.join(name for name, _ in found)} files for {task}; pass one "
+            f"{root} holds {' and '.join(name for name, _ in found)} data for {task}; pass one "
             f"of the files (e.g. {found[0][1][0]}) to choose"
         )
     if not found:
