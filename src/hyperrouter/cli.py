@@ -161,11 +161,7 @@ def _train(args: argparse.Namespace) -> int:
     from hyperrouter.train.trainer import train_run
 
     if args.list_configs:
-        presets = list_presets()
-        width = max(map(len, presets))
-        for name, description in presets.items():
-            print(f"{name:<{width}}  {description}")
-        return 0
+        return _print_presets(list_presets())
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
@@ -178,6 +174,13 @@ def _train(args: argparse.Namespace) -> int:
     results = train_run(config, out, resume=args.resume, progress=not args.no_progress)
     print(_results_table(results))
     print(f"results: {out}/results.json")
+    return 0
+
+
+def _print_presets(presets: dict[str, str]) -> int:
+    width = max(map(len, presets))
+    for name, description in presets.items():
+        print(f"{name:<{width}}  {description}")
     return 0
 
 
@@ -269,11 +272,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from hyperrouter.train.finetune import finetune_run, load_finetune_config
 
     if args.list_configs:
-        presets = list_presets("finetune")
-        width = max(map(len, presets))
-        for name, description in presets.items():
-            print(f"{name:<{width}}  {description}")
-        return 0
+        return _print_presets(list_presets("finetune"))
     if args.task is not None and args.task not in TASKS:
         raise HyperRouterError(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
     overrides = list(args.overrides)
