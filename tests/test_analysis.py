@@ -74,6 +74,10 @@ def test_analyze_a_trained_run(tmp_path, corpus, capsys) -> None:
     for layer in result["layers"]:
         assert 0 <= layer["entropy_mean"] <= math.log(4) + 1e-6
         assert sum(layer["tokens_per_expert"]) == layer["tokens"] * 4 == 200 * 4
+        assert sum(layer["tokens_per_expert_top1"]) == 200
+        assert layer["load_cv_top1"] == pytest.approx(
+            coefficient_of_variation(torch.tensor(layer["tokens_per_expert_top1"]))
+        )
         assert -1 <= layer["expert_similarity"] <= 1
         assert sum(layer["entropy_histogram"]["counts"]) == 200
     on_disk = json.loads((run / "analysis" / "analysis.json").read_text())

@@ -1,9 +1,11 @@
 """`hyperrouter analyze RUN_DIR`: what the routers of a trained model do on held-out text.
 
 Per MoE layer, on validation tokens at the training k (the schedule's final k): router entropy
-(mean and histogram), expert load and its coefficient of variation, expert diversity (mean
-pairwise cosine similarity of expert outputs on the same tokens), and how the routing of the
-other kept checkpoints differs on the very same layer inputs. Writes analysis.json and plots.
+(mean and histogram), expert load and its coefficient of variation (at the training k and at
+k = 1, i.e. where each token's first choice goes: at k = E the former is trivially 0), expert
+diversity (mean pairwise cosine similarity of expert outputs on the same tokens), and how the
+routing of the other kept checkpoints differs on the very same layer inputs. Writes
+analysis.json and plots.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from hyperrouter.train import checkpoint as ckpt
 from hyperrouter.train.evaluate import eval_mem_len, evaluate, load_matching_corpus, load_trained
 
 ENTROPY_BINS = 20
+# per-layer statistics averaged over layers into "means" (and into the compare table)
+ANALYSIS_KEYS = ("entropy_mean", "load_cv", "load_cv_top1", "expert_similarity")
 
 
 def _capture_inputs(layers: list[MoE], limit: int) -> tuple[list[list[Tensor]], list]:
@@ -105,6 +109,7 @@ def analyze_run(
         k = num_experts if layer.router.uses_all_experts else top_k
         ids = logits.topk(k, dim=-1).indices
         counts = expert_load(ids, num_experts)
+        counts_top1 = expert_load(ids[:, :1], num_experts)  # where each token goes at k = 1
         sample = x[:diversity_tokens].to(device)
         layer_dtype = next(layer.parameters()).dtype
         outputs = torch.stack(
@@ -121,6 +126,8 @@ def analyze_run(
             ),
             "tokens_per_expert": counts.tolist(),
             "load_cv": coefficient_of_variation(counts),
+            "tokens_per_expert_top1": counts_top1.tolist(),
+            "load_cv_top1": coefficient_of_variation(counts_top1),
             "expert_similarity": expert_similarity(outputs),
             "checkpoint_changes": {},
         }
@@ -130,7 +137,7 @@ def analyze_run(
         result["layers"].append(entry)
     result["means"] = {
         key: sum(layer[key] for layer in result["layers"]) / len(result["layers"])
-        for key in ("entropy_mean", "load_cv", "expert_similarity")
+        for key in ANALYSIS_KEYS
     }
     result["top_k"] = top_k
     _write(out, result)

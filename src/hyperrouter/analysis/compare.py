@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperrouter.analysis import plots
-from hyperrouter.analysis.analyze import analyze_run
+from hyperrouter.analysis.analyze import ANALYSIS_KEYS, analyze_run
 from hyperrouter.bench import machine_description
 from hyperrouter.data.corpus import load_corpus
 from hyperrouter.errors import HyperRouterError
@@ -211,10 +211,7 @@ class Sweep:
                 "parameters": results[0]["parameters"],
                 "analysis": None
                 if dense
-                else {
-                    key: _stats([a["means"][key] for a in analyses])
-                    for key in ("entropy_mean", "load_cv", "expert_similarity")
-                },
+                else {key: _stats([a["means"][key] for a in analyses]) for key in ANALYSIS_KEYS},
                 "seeds": self.seeds,
                 "wall_seconds": _stats(
                     [wall.get(self.run_dir(method, s).name, float("nan")) for s in self.seeds]
@@ -279,7 +276,7 @@ def table_markdown(summary: dict[str, Any]) -> str:
     ks, metric = summary["ks"], summary["metric"].upper()
     head = ["method", "trainable params", "total params"]
     head += [f"{metric} k={k}" for k in ks]
-    head += ["router entropy", "load CV", "expert cos-sim"]
+    head += ["router entropy", "load CV", "load CV k=1", "expert cos-sim"]
     head += [f"tok/s k={k}" for k in ks] + ["train tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in summary["methods"].items():
@@ -289,7 +286,7 @@ def table_markdown(summary: dict[str, Any]) -> str:
             s = m["by_top_k"][str(k)]
             text = f"{s['mean']:.4f} ± {s['std']:.4f}"
             cells.append(f"**{text}**" if summary["best"][str(k)] == name else text)
-        for key in ("entropy_mean", "load_cv", "expert_similarity"):
+        for key in ANALYSIS_KEYS:
             a = m["analysis"]
             cells.append("-" if a is None else f"{a[key]['mean']:.3f}")
         cells += [f"{m['tokens_per_second'][str(k)]['mean']:,.0f}" for k in ks]
@@ -312,7 +309,7 @@ def table_csv(summary: dict[str, Any]) -> str:
     header = ["method", "dense", "trainable_params", "total_params"]
     for k in ks:
         header += [f"k{k}_mean", f"k{k}_std"]
-    header += ["router_entropy", "load_cv", "expert_similarity"]
+    header += ["router_entropy", "load_cv", "load_cv_top1", "expert_similarity"]
     header += [f"tokens_per_second_k{k}" for k in ks] + ["train_tokens_per_second", "best_at"]
     writer.writerow(header)
     for name, m in summary["methods"].items():
@@ -320,10 +317,7 @@ def table_csv(summary: dict[str, Any]) -> str:
         for k in ks:
             row += [m["by_top_k"][str(k)]["mean"], m["by_top_k"][str(k)]["std"]]
         a = m["analysis"]
-        row += [
-            "" if a is None else a[key]["mean"]
-            for key in ("entropy_mean", "load_cv", "expert_similarity")
-        ]
+        row += ["" if a is None else a[key]["mean"] for key in ANALYSIS_KEYS]
         row += [m["tokens_per_second"][str(k)]["mean"] for k in ks]
         row.append(m["train_tokens_per_second"]["mean"])
         row.append(" ".join(str(k) for k in ks if summary["best"][str(k)] == name))
