@@ -36,12 +36,14 @@ def analysis_plots(result: dict[str, Any], out: Path) -> list[Path]:
         axes[0][col].bar(edges[:-1], hist["counts"], width=widths, align="edge", color="#4477aa")
         axes[0][col].set_title(f"layer {layer['layer']}: H={layer['entropy_mean']:.2f}")
         axes[0][col].set_xlabel("router entropy (nats)")
-        counts = layer["tokens_per_expert"]
+        # each token's first choice: at the training k the load is trivially flat when k = E
+        counts = layer.get("tokens_per_expert_top1", layer["tokens_per_expert"])
+        cv = layer.get("load_cv_top1", layer["load_cv"])
         axes[1][col].bar(range(len(counts)), counts, color="#cc6677")
-        axes[1][col].set_title(f"load CV {layer['load_cv']:.2f}")
+        axes[1][col].set_title(f"first-choice load CV {cv:.2f}")
         axes[1][col].set_xlabel("expert")
     axes[0][0].set_ylabel("tokens")
-    axes[1][0].set_ylabel(f"assignments (k={result.get('top_k')})")
+    axes[1][0].set_ylabel("tokens (top-1 expert)")
     fig.tight_layout()
     path = out / "routing.png"
     fig.savefig(path, dpi=110)
