@@ -323,6 +323,29 @@ def test_bf16_close_to_fp32(backend: str) -> None:
     assert rel_err(low.float(), ref) < 3e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_matches_cpu_reference(backend: str, dtype: torch.dtype) -> None:
+    """Every backend on CUDA (fp32, bf16, fp16), forward and input gradient, against the fp32 CPU
+    reference with the same weights. Skipped on machines without a GPU."""
+    layer = make_layer("smoe")
+    x = torch.randn(64, D, requires_grad=True)
+    ref = layer(x, top_k=2, backend="reference")
+    ref.square().sum().backward()
+    ref_grad = x.grad.clone()
+    gpu = make_layer("smoe")
+    gpu.load_state_dict(layer.state_dict())
+    gpu = gpu.to("cuda", dtype)
+    xg = x.detach().to("cuda", dtype).requires_grad_(True)
+    out = gpu(xg, top_k=2, backend=backend)
+    assert out.dtype == dtype and out.device.type == "cuda"
+    out.float().square().sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert rel_err(out.float().cpu(), ref.detach()) < tol
+    assert rel_err(xg.grad.float().cpu(), ref_grad) < tol
+
+
 def test_bad_input_errors_name_the_problem() -> None:
     layer = make_layer("smoe")
     with pytest.raises(ValueError, match="unknown router 'nope'.*hyperrouter"):
