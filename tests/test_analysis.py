@@ -144,6 +144,11 @@ def test_compare_end_to_end_and_resume(tmp_path, corpus, monkeypatch) -> None:
     # half-finished sweep: one run lost its results; only that one trains again (and resumes)
     lost = out / "runs" / "dense-seed1112" / "results.json"
     lost.unlink()
+    # and an analysis written by an older version (a statistic missing) is redone, not reused
+    stale_path = out / "runs" / "hyperrouter-seed1111" / "analysis" / "analysis.json"
+    stale = json.loads(stale_path.read_text())
+    del stale["means"]["load_cv_top1"]
+    stale_path.write_text(json.dumps(stale))
     calls = []
     real = compare_mod.train_run
 
@@ -155,6 +160,7 @@ def test_compare_end_to_end_and_resume(tmp_path, corpus, monkeypatch) -> None:
     assert main(args) == 0
     assert calls == [("dense-seed1112", True)]
     assert lost.is_file()
+    assert "load_cv_top1" in json.loads(stale_path.read_text())["means"]
 
 
 def test_methods_match_the_cpu_presets() -> None:

@@ -385,10 +385,10 @@ def test_paper_presets_start_training(tmp_path, preset) -> None:
         "train.eval_interval=2",
         "eval.max_valid_batches=1",
         "eval.top_ks=[1]",
+        # the preset's model, segment and memory lengths, but 2 sequences per batch instead of
+        # 22-44 (44 x 512 tokens x 18 layers would need ~40 GB of activations)
+        "train.batch_size=2",
     ]
-    # the preset's model, segment and memory lengths, but 2 sequences per batch instead of 22-44
-    # (44 x 512 tokens x 18 layers would need ~40 GB of activations and minutes per CPU step)
-    overrides.append("train.batch_size=2")
     cfg = load_config(preset, overrides)
     torch.manual_seed(0)
     results = train_run(cfg, tmp_path / "run", progress=False, log=lambda _: None)

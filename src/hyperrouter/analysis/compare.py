@@ -175,7 +175,7 @@ class Sweep:
             ckpt.write_json_atomic(self.out / SWEEP_FILE, state)
         for method, seed in jobs:
             run_dir = self.run_dir(method, seed)
-            if not (run_dir / "analysis" / "analysis.json").is_file():
+            if not _analysis_is_current(run_dir / "analysis" / "analysis.json"):
                 analyze_run(run_dir, make_plots=True)
         return self.summarize(state["wall_seconds"])
 
@@ -235,6 +235,14 @@ class Sweep:
         (self.out / "table.csv").write_text(table_csv(summary))
         plots.sweep_plots(summary, curves, self.out)
         return summary
+
+
+def _analysis_is_current(path: Path) -> bool:
+    """An analysis.json holding every statistic this version tabulates (older ones are redone)."""
+    if not path.is_file():
+        return False
+    result = ckpt.read_json(path)
+    return "note" in result or set(ANALYSIS_KEYS) <= set(result.get("means", {}))
 
 
 def _stats(values: list[float]) -> dict[str, Any]:

@@ -37,10 +37,9 @@ def analysis_plots(result: dict[str, Any], out: Path) -> list[Path]:
         axes[0][col].set_title(f"layer {layer['layer']}: H={layer['entropy_mean']:.2f}")
         axes[0][col].set_xlabel("router entropy (nats)")
         # each token's first choice: at the training k the load is trivially flat when k = E
-        counts = layer.get("tokens_per_expert_top1", layer["tokens_per_expert"])
-        cv = layer.get("load_cv_top1", layer["load_cv"])
+        counts = layer["tokens_per_expert_top1"]
         axes[1][col].bar(range(len(counts)), counts, color="#cc6677")
-        axes[1][col].set_title(f"first-choice load CV {cv:.2f}")
+        axes[1][col].set_title(f"first-choice load CV {layer['load_cv_top1']:.2f}")
         axes[1][col].set_xlabel("expert")
     axes[0][0].set_ylabel("tokens")
     axes[1][0].set_ylabel("tokens (top-1 expert)")
