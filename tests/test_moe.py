@@ -409,3 +409,39 @@ def test_autocast_bf16_runs_every_backend(backend: str) -> None:
     out.float().square().mean().backward()
     assert x.grad is not None and layer.experts.w_in.grad.dtype == torch.float32
     assert layer.router.embedding.grad is not None
+
+
+def test_grouped_hands_over_to_grouped_mm_where_that_is_fast(monkeypatch) -> None:
+    """On CUDA sm90 + bf16 `grouped` runs the torch._grouped_mm path. Force that decision on CPU so
+    the hand-over itself (and the path it takes, with biases and capacity dropping) is exercised
+    here too; the CUDA test above covers the kernels where a GPU exists."""
+    from hyperrouter.moe import experts as experts_module
+
+    assert not experts_module.grouped_mm_fast(
+        torch.device("cpu"), torch.bfloat16, make_layer("smoe").experts
+    )
+    calls = []
+    real = experts_module.grouped_mm_backend
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(experts_module, "grouped_mm_fast", lambda *_: True)
+    monkeypatch.setattr(experts_module, "grouped_mm_backend", spy)
+    for capacity_factor in (None, 0.5):
+        layer = make_layer("smoe", capacity_factor=capacity_factor)
+        x = torch.randn(40, D, requires_grad=True)
+        out = layer(x, top_k=2, backend="grouped", return_details=True)
+        out.output.square().sum().backward()
+        grads = [x.grad.clone()] + [p.grad.clone() for p in trainable_parameters(layer)]
+        x.grad = None
+        layer.zero_grad()
+        ref = layer(x, top_k=2, backend="reference")
+        ref.square().sum().backward()
+        ref_grads = [x.grad] + [p.grad for p in trainable_parameters(layer)]
+        assert rel_err(out.output, ref) < 1e-5
+        assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+        assert out.stats.dropped_fraction.device == x.device
+        assert (out.stats.dropped_fraction > 0) == (capacity_factor is not None)
+    assert len(calls) == 2

@@ -256,15 +256,20 @@ class _ExpertLoop(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_TD = grad_TD.contiguous()
         grad_x = torch.zeros_like(x_TD) if needs[0] else None
-        grad_rw = torch.zeros_like(row_weights) if needs[1] else None
-        grad_w_in = torch.zeros_like(w_in) if needs[2] else None
-        grad_b_in = torch.zeros_like(b_in) if b_in is not None and needs[3] else None
-        grad_w_out = torch.zeros_like(w_out) if needs[4] else None
-        grad_b_out = torch.zeros_like(b_out) if b_out is not None and needs[5] else None
+        # Every row of grad_rw and every expert's slice of the weight gradients is written by the
+        # loop below, except the slices of experts that got no rows: only those are zeroed.
+        grad_rw = torch.empty_like(row_weights) if needs[1] else None
+        grad_w_in = torch.empty_like(w_in) if needs[2] else None
+        grad_b_in = torch.empty_like(b_in) if b_in is not None and needs[3] else None
+        grad_w_out = torch.empty_like(w_out) if needs[4] else None
+        grad_b_out = torch.empty_like(b_out) if b_out is not None and needs[5] else None
+        per_expert = [g for g in (grad_w_in, grad_b_in, grad_w_out, grad_b_out) if g is not None]
         scale = 1.0 / (1.0 - ctx.dropout) if ctx.dropout > 0 else 1.0
         start = 0
         for e, n in enumerate(plan.counts):
             if n == 0:
+                for g in per_expert:
+                    g[e].zero_()
                 continue
             rows = slice(start, start + n)
             start += n

@@ -230,7 +230,7 @@ def _routing_stats(
     return RoutingStats(
         counts_E,
         entropy,
-        torch.tensor(dropped, dtype=torch.float32),
+        torch.tensor(dropped, dtype=torch.float32, device=logits_TE.device),
         backend,
         top_k,
     )
