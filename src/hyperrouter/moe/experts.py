@@ -201,7 +201,13 @@ def _loop_forward(
         x_e = x_TD if dense else x_TD.index_select(0, plan.tokens[rows])
         h_e = hidden_buf[rows] if save else x_TD.new_empty(n, width)
         _linear_into(h_e, x_e, w_in[e], None if b_in is None else b_in[e])
-        a_e = h_e.relu_() if activation == "relu" else _activate(activation, h_e)
+        if activation == "relu":
+            a_e = h_e.relu_()
+        elif activation == "swiglu":  # no autograd here, so in place is safe (one buffer less)
+            gate, up = h_e.chunk(2, dim=-1)
+            a_e = F.silu(gate).mul_(up)
+        else:
+            a_e = _activate(activation, h_e)
         if dropout > 0:
             keep = torch.rand_like(a_e) >= dropout  # faster than bernoulli_ on CPU
             if keep_buf is not None:
@@ -284,7 +290,15 @@ class _ExpertLoop(torch.autograd.Function):
             w_e = (row_weights[:, e] if dense else row_weights[rows]).unsqueeze(1)
             gy = gy * w_e if dense else gy.mul_(w_e)  # never scale grad_TD itself in place
             saved_h = hidden_buf[rows]
-            a_e = saved_h if ctx.activation == "relu" else _activate(ctx.activation, saved_h)
+            silu_gate = None
+            if ctx.activation == "relu":
+                a_e = saved_h
+            elif ctx.activation == "swiglu":  # silu(gate) once, for a_e and for the backward
+                gate, up = saved_h.chunk(2, dim=-1)
+                silu_gate = F.silu(gate)
+                a_e = silu_gate * up
+            else:
+                a_e = _activate(ctx.activation, saved_h)
             if keep_buf is not None:
                 a_e = a_e * keep_buf[rows] * scale
             if grad_w_out is not None:
@@ -294,7 +308,7 @@ class _ExpertLoop(torch.autograd.Function):
             ga = gy @ w_out[e].t()
             if keep_buf is not None:
                 ga.mul_(keep_buf[rows]).mul_(scale)
-            gh = _activation_backward(ctx.activation, ga, saved_h)
+            gh = _activation_backward(ctx.activation, ga, saved_h, silu_gate)
             x_e = x_TD if dense else x_TD.index_select(0, tokens)
             if grad_w_in is not None:
                 torch.mm(x_e.t(), gh, out=grad_w_in[e])
@@ -308,16 +322,26 @@ class _ExpertLoop(torch.autograd.Function):
         return grad_x, grad_rw, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 
-def _activation_backward(activation: str, grad_a: Tensor, saved_h: Tensor) -> Tensor:
-    """d loss / d h from d loss / d a; `saved_h` is relu(h) for relu and h otherwise."""
+def _activation_backward(
+    activation: str, grad_a: Tensor, saved_h: Tensor, silu_gate: Tensor | None = None
+) -> Tensor:
+    """d loss / d h from d loss / d a; `saved_h` is relu(h) for relu and h otherwise.
+
+    For SwiGLU `silu_gate` (= silu of the gate half, if already computed) saves a recomputation;
+    `grad_a` is overwritten. Both halves are written straight into one [n, 2 * d_hidden] buffer.
+    """
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad_a, saved_h, 0)
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad_a, saved_h)
     gate, up = saved_h.chunk(2, dim=-1)
-    silu_gate = F.silu(gate)
-    grad_gate = torch.ops.aten.silu_backward(grad_a * up, gate)
-    return torch.cat([grad_gate, grad_a * silu_gate], dim=-1)
+    if silu_gate is None:
+        silu_gate = F.silu(gate)
+    width = gate.shape[-1]
+    grad_h = torch.empty_like(saved_h)
+    torch.mul(grad_a, silu_gate, out=grad_h[:, width:])
+    torch.ops.aten.silu_backward.grad_input(grad_a.mul_(up), gate, grad_input=grad_h[:, :width])
+    return grad_h
 
 
 def _run_loop(experts: Experts, weights: ExpertWeights, x_TD: Tensor, plan: _LoopPlan) -> Tensor:
