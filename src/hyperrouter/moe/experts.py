@@ -174,23 +174,23 @@ def _loop_forward(
     activation: str,
     dropout: float,
     save: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, list[Tensor | None], list[Tensor | None], list[Tensor | None]]:
     """Run every expert on its rows and add its weighted output into out [T, D].
 
-    With save=True also returns what the backward needs: per row, the first layer's output (after
-    ReLU for relu, before the activation otherwise), the dropout keep-mask and the expert's
-    unweighted output (for the gradient of the combine weights).
+    With save=True also returns, per expert (None for an expert without rows), what the backward
+    needs: the first layer's output (after ReLU for relu, before the activation otherwise), the
+    dropout keep-mask and the expert's unweighted output (for the gradient of the combine
+    weights). They are separate per-expert tensors rather than slices of one [T*k, width] buffer:
+    on glibc a buffer that large is a fresh mmap on every call, and first-touching its pages cost
+    up to ~15% of a training step at k = 8 (see docs/PERFORMANCE.md); per-expert blocks are
+    smaller and are recycled by the allocator.
     """
     dense = plan.tokens is None
-    num_rows = x_TD.shape[0] * len(plan.counts) if dense else plan.tokens.numel()
     width, d_model = w_in.shape[-1], x_TD.shape[1]
-    hidden_buf = x_TD.new_empty(num_rows, width) if save else None
-    output_buf = x_TD.new_empty(num_rows, d_model) if save else None
-    keep_buf = (
-        torch.empty(num_rows, w_out.shape[1], dtype=torch.bool, device=x_TD.device)
-        if save and dropout > 0
-        else None
-    )
+    num_experts = len(plan.counts)
+    hidden: list[Tensor | None] = [None] * num_experts
+    keeps: list[Tensor | None] = [None] * num_experts
+    outputs: list[Tensor | None] = [None] * num_experts
     out_TD = torch.zeros_like(x_TD)
     start = 0
     for e, n in enumerate(plan.counts):
@@ -199,7 +199,9 @@ def _loop_forward(
         rows = slice(start, start + n)
         start += n
         x_e = x_TD if dense else x_TD.index_select(0, plan.tokens[rows])
-        h_e = hidden_buf[rows] if save else x_TD.new_empty(n, width)
+        h_e = x_TD.new_empty(n, width)
+        if save:
+            hidden[e] = h_e
         _linear_into(h_e, x_e, w_in[e], None if b_in is None else b_in[e])
         if activation == "relu":
             a_e = h_e.relu_()
@@ -210,10 +212,12 @@ def _loop_forward(
             a_e = _activate(activation, h_e)
         if dropout > 0:
             keep = torch.rand_like(a_e) >= dropout  # faster than bernoulli_ on CPU
-            if keep_buf is not None:
-                keep_buf[rows] = keep
+            if save:
+                keeps[e] = keep
             a_e = a_e * keep * (1.0 / (1.0 - dropout))
-        y_e = output_buf[rows] if save else x_TD.new_empty(n, d_model)
+        y_e = x_TD.new_empty(n, d_model)
+        if save:
+            outputs[e] = y_e
         _linear_into(y_e, a_e, w_out[e], None if b_out is None else b_out[e])
         if dense:
             out_TD.addcmul_(y_e, plan.row_weights[:, e : e + 1])
@@ -224,7 +228,7 @@ def _loop_forward(
                 else y_e.mul_(plan.row_weights[rows, None])
             )
             out_TD.index_add_(0, plan.tokens[rows], weighted)
-    return out_TD, hidden_buf, keep_buf, output_buf
+    return out_TD, hidden, keeps, outputs
 
 
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -240,11 +244,11 @@ class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, row_weights, w_in, b_in, w_out, b_out, plan, activation, dropout):
         plan = _LoopPlan(plan.counts, plan.tokens, row_weights)
-        out_TD, hidden_buf, keep_buf, output_buf = _loop_forward(
+        out_TD, hidden, keeps, outputs = _loop_forward(
             x_TD, plan, w_in, b_in, w_out, b_out, activation, dropout, save=True
         )
         ctx.save_for_backward(
-            x_TD, row_weights, w_in, b_in, w_out, b_out, hidden_buf, keep_buf, output_buf
+            x_TD, row_weights, w_in, b_in, w_out, b_out, *hidden, *keeps, *outputs
         )
         ctx.plan = plan
         ctx.activation = activation
@@ -254,10 +258,12 @@ class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_TD: Tensor):
-        x_TD, row_weights, w_in, b_in, w_out, b_out, hidden_buf, keep_buf, output_buf = (
-            ctx.saved_tensors
-        )
         plan: _LoopPlan = ctx.plan
+        num_experts = len(plan.counts)
+        x_TD, row_weights, w_in, b_in, w_out, b_out, *per_expert_saved = ctx.saved_tensors
+        hidden = per_expert_saved[:num_experts]
+        keeps = per_expert_saved[num_experts : 2 * num_experts]
+        outputs = per_expert_saved[2 * num_experts :]
         dense = plan.tokens is None
         needs = ctx.needs_input_grad
         grad_TD = grad_TD.contiguous()
@@ -282,14 +288,14 @@ class _ExpertLoop(torch.autograd.Function):
             tokens = None if dense else plan.tokens[rows]
             gy = grad_TD if dense else grad_TD.index_select(0, tokens)
             if grad_rw is not None:  # d out / d weight = the expert's unweighted output
-                g_weight = (gy * output_buf[rows]).sum(1)
+                g_weight = (gy * outputs[e]).sum(1)
                 if dense:
                     grad_rw[:, e] = g_weight
                 else:
                     grad_rw[rows] = g_weight
             w_e = (row_weights[:, e] if dense else row_weights[rows]).unsqueeze(1)
             gy = gy * w_e if dense else gy.mul_(w_e)  # never scale grad_TD itself in place
-            saved_h = hidden_buf[rows]
+            saved_h, keep = hidden[e], keeps[e]
             silu_gate = None
             if ctx.activation == "relu":
                 a_e = saved_h
@@ -299,15 +305,15 @@ class _ExpertLoop(torch.autograd.Function):
                 a_e = silu_gate * up
             else:
                 a_e = _activate(ctx.activation, saved_h)
-            if keep_buf is not None:
-                a_e = a_e * keep_buf[rows] * scale
+            if keep is not None:
+                a_e = a_e * keep * scale
             if grad_w_out is not None:
                 torch.mm(a_e.t(), gy, out=grad_w_out[e])
             if grad_b_out is not None:
                 torch.sum(gy, 0, out=grad_b_out[e])
             ga = gy @ w_out[e].t()
-            if keep_buf is not None:
-                ga.mul_(keep_buf[rows]).mul_(scale)
+            if keep is not None:
+                ga.mul_(keep).mul_(scale)
             gh = _activation_backward(ctx.activation, ga, saved_h, silu_gate)
             x_e = x_TD if dense else x_TD.index_select(0, tokens)
             if grad_w_in is not None:
