@@ -181,9 +181,9 @@ def _loop_forward(
     needs: the first layer's output (after ReLU for relu, before the activation otherwise), the
     dropout keep-mask and the expert's unweighted output (for the gradient of the combine
     weights). They are separate per-expert tensors rather than slices of one [T*k, width] buffer:
-    on glibc a buffer that large is a fresh mmap on every call, and first-touching its pages cost
-    up to ~15% of a training step at k = 8 (see docs/PERFORMANCE.md); per-expert blocks are
-    smaller and are recycled by the allocator.
+    on glibc a buffer that large is a fresh mmap on every call whose pages are zero-filled on
+    first touch (~170 MB per SwiGLU training step at k = 8, see docs/PERFORMANCE.md); per-expert
+    blocks are smaller and are recycled by the allocator.
     """
     dense = plan.tokens is None
     width, d_model = w_in.shape[-1], x_TD.shape[1]
@@ -296,15 +296,7 @@ class _ExpertLoop(torch.autograd.Function):
             w_e = (row_weights[:, e] if dense else row_weights[rows]).unsqueeze(1)
             gy = gy * w_e if dense else gy.mul_(w_e)  # never scale grad_TD itself in place
             saved_h, keep = hidden[e], keeps[e]
-            silu_gate = None
-            if ctx.activation == "relu":
-                a_e = saved_h
-            elif ctx.activation == "swiglu":  # silu(gate) once, for a_e and for the backward
-                gate, up = saved_h.chunk(2, dim=-1)
-                silu_gate = F.silu(gate)
-                a_e = silu_gate * up
-            else:
-                a_e = _activate(ctx.activation, saved_h)
+            a_e, silu_gate = _activation_of_saved(ctx.activation, saved_h)
             if keep is not None:
                 a_e = a_e * keep * scale
             if grad_w_out is not None:
@@ -328,21 +320,32 @@ class _ExpertLoop(torch.autograd.Function):
         return grad_x, grad_rw, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 
-def _activation_backward(
-    activation: str, grad_a: Tensor, saved_h: Tensor, silu_gate: Tensor | None = None
-) -> Tensor:
-    """d loss / d h from d loss / d a; `saved_h` is relu(h) for relu and h otherwise.
+def _activation_of_saved(activation: str, saved_h: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The activation output recomputed from what the loop saved (relu(h) for relu, h otherwise),
+    and for SwiGLU also silu(gate), which its backward needs too (computed once for both)."""
+    if activation == "relu":
+        return saved_h, None
+    if activation == "swiglu":
+        gate, up = saved_h.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        return silu_gate * up, silu_gate
+    return _activate(activation, saved_h), None
 
-    For SwiGLU `silu_gate` (= silu of the gate half, if already computed) saves a recomputation;
-    `grad_a` is overwritten. Both halves are written straight into one [n, 2 * d_hidden] buffer.
+
+def _activation_backward(
+    activation: str, grad_a: Tensor, saved_h: Tensor, silu_gate: Tensor | None
+) -> Tensor:
+    """d loss / d h from d loss / d a; `saved_h` is relu(h) for relu and h otherwise, `silu_gate`
+    is silu of the gate half for SwiGLU (from `_activation_of_saved`).
+
+    For SwiGLU `grad_a` is overwritten and both halves are written straight into one
+    [n, 2 * d_hidden] buffer.
     """
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad_a, saved_h, 0)
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad_a, saved_h)
     gate, up = saved_h.chunk(2, dim=-1)
-    if silu_gate is None:
-        silu_gate = F.silu(gate)
     width = gate.shape[-1]
     grad_h = torch.empty_like(saved_h)
     torch.mul(grad_a, silu_gate, out=grad_h[:, width:])
@@ -438,9 +441,9 @@ def grouped_mm_available() -> bool:
 def grouped_mm_fast(device: torch.device, dtype: torch.dtype, experts: Experts) -> bool:
     """Whether torch._grouped_mm is the fast choice: CUDA sm90+, bf16, 16-byte aligned widths.
 
-    On CPU (torch 2.13, fp32, 2 cores) the expert loop measured faster at every k: the kernel
-    itself is on par with one mm per expert, but this path's [T*k, width] buffers are fresh
-    mmaps on every call and their page faults made it 1.1-1.7x slower in training.
+    On CPU (torch 2.13, fp32, 2 cores) the expert loop measured faster in every case
+    (benchmarks/grouped_mm_cpu.py): 1.3-2.2x in training with glibc's default allocator, whose
+    fresh mmaps for this path's [T*k, width] buffers are most of the gap.
     """
     if not grouped_mm_available() or device.type != "cuda" or dtype != torch.bfloat16:
         return False
