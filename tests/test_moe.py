@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from hyperrouter import HyperRouterError, MoE, parameter_summary
-from hyperrouter.moe.losses import router_z_loss, switch_balance_loss
 from hyperrouter.params import trainable_parameters
+from hyperrouter.routers.losses import router_z_loss, switch_balance_loss
 
 E, D, H = 8, 16, 24
 ROUTER_SETUPS = {

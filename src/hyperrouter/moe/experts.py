@@ -21,7 +21,6 @@ All paths are deterministic: the only accumulations are per-token sums in a fixe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from hyperrouter.errors import HyperRouterError
+from hyperrouter.routers.capacity import capacity_keep_mask, expert_capacity  # noqa: F401
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 BACKENDS = ("auto", "reference", "grouped", "grouped_mm", "dense")
@@ -406,7 +406,9 @@ def dense_backend(
     w_TK = weights_TK.to(x_TD.dtype)
     if keep_TK is not None:
         w_TK = w_TK * keep_TK
-    w_TE = x_TD.new_zeros(num_tokens, num_experts).scatter(1, ids_TK, w_TK)
+    # scatter_add: routers that pad their slots (expert choice) may repeat an expert in a token's
+    # row with weight 0 there; a plain scatter would let either write win
+    w_TE = x_TD.new_zeros(num_tokens, num_experts).scatter_add(1, ids_TK, w_TK)
     return _run_loop(experts, weights, x_TD, _LoopPlan([num_tokens] * num_experts, None, w_TE))
 
 
@@ -519,22 +521,3 @@ def choose_backend(
     if top_k >= num_experts:
         return "dense"
     return "grouped"
-
-
-def capacity_keep_mask(ids_TK: Tensor, num_experts: int, capacity: int) -> Tensor:
-    """[T, K] bool: which (token, slot) pairs fit their expert's capacity, first come first served
-    in token order (earlier tokens win; a token's slots are independent)."""
-    flat_ids = ids_TK.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    counts_E = torch.bincount(flat_ids, minlength=num_experts)
-    starts_E = counts_E.cumsum(0) - counts_E
-    sorted_ids = flat_ids.index_select(0, order)
-    rank = torch.arange(order.numel(), device=ids_TK.device) - starts_E.index_select(0, sorted_ids)
-    keep = torch.empty_like(flat_ids, dtype=torch.bool)
-    keep[order] = rank < capacity
-    return keep.view_as(ids_TK)
-
-
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Assignments each expert may take: ceil(T * k / E * capacity_factor) (Switch, generalised)."""
-    return max(1, math.ceil(num_tokens * top_k / num_experts * capacity_factor))

@@ -1,4 +1,10 @@
-"""`MoE`: a drop-in replacement for a Transformer FFN (router -> dispatch -> experts -> combine)."""
+"""`MoE`: a drop-in replacement for a Transformer FFN (router -> dispatch -> experts -> combine).
+
+The router decides (`hyperrouter.routers`), a dispatch strategy moves tokens to experts and back
+(`hyperrouter.moe.dispatch`: token dispatch through the expert backends today; parameter merging
+plugs in beside it), the experts compute (`hyperrouter.moe.experts`). Optional shared experts form
+an extra path every token takes, added to the routed output or mixed with it by a learned gate.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,19 @@ import torch
 from torch import Tensor, nn
 
 from hyperrouter.errors import HyperRouterError
+from hyperrouter.moe.dispatch import DISPATCHERS, check_dispatch
 from hyperrouter.moe.experts import (
-    BACKEND_FUNCTIONS,
     BACKENDS,
     Experts,
     capacity_keep_mask,
     choose_backend,
+    dense_backend,
     expert_capacity,
 )
-from hyperrouter.moe.losses import at_least_fp32
-from hyperrouter.routers import build_router
+from hyperrouter.routers import Routing, RoutingContext, build_router
+from hyperrouter.routers.losses import at_least_fp32
+
+SHARED_MIXES = ("sum", "gate")
 
 
 @dataclass
@@ -25,13 +34,14 @@ class RoutingStats:
     """Routing statistics of one call (detached tensors; call .item()/.tolist() when needed).
 
     tokens_per_expert: [E] (token, slot) assignments each expert computed (after dropping);
-    entropy: mean over tokens of the entropy (nats) of the full router softmax over all E experts;
-    dropped_fraction: fraction of assignments dropped by the capacity limit (0 without one);
-    backend: the expert backend that ran; top_k: the k used.
+    entropy: mean over tokens of the entropy (nats) of the full router softmax over all E experts
+    (None for routers without logits); dropped_fraction: fraction of the T*K assignments dropped by
+    the router or the capacity limit (0 without either); backend: the expert backend that ran;
+    top_k: the k used.
     """
 
     tokens_per_expert: Tensor
-    entropy: Tensor
+    entropy: Tensor | None
     dropped_fraction: Tensor
     backend: str
     top_k: int
@@ -40,11 +50,13 @@ class RoutingStats:
 @dataclass
 class MoEOutput:
     """Everything one MoE call produced: output [..., d_model], this call's auxiliary losses
-    (already weighted; empty when the router has none) and routing statistics."""
+    (already weighted; empty when the router has none), routing statistics, and the routing the
+    layer really did (`routing.keep` is the final keep mask: the router's and the capacity's)."""
 
     output: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: RoutingStats | None = None
+    routing: Routing | None = None
 
 
 class MoE(nn.Module):
@@ -58,7 +70,15 @@ class MoE(nn.Module):
         dropout: dropout on the expert hidden activations (as in the reference experts).
         backend: auto | reference | grouped | grouped_mm | dense (see hyperrouter.moe.experts).
         capacity_factor: None (default) drops no token; a float c caps each expert at
-            ceil(T * k / E * c) assignments, first come first served.
+            ceil(T * k / E * c) assignments, every token's first choice before anyone's second
+            (GShard/Switch order); dropped pairs contribute 0 (the block's residual carries x).
+        granularity: DeepSeekMoE fine-grained segmentation: each of the E experts is split into
+            m experts of d_hidden / m, so the layer has E * m experts; top_k counts these finer
+            experts (use k * m for the compute of k unsplit experts).
+        shared_experts: DeepSeekMoE shared experts (of width shared_d_hidden, default d_hidden)
+            that every token uses, outside the routing. shared_mix: "sum" adds their output to the
+            routed one (DeepSeekMoE); "gate" mixes the two with a learned per-token 2-way softmax.
+        dispatch: how tokens reach experts (`hyperrouter.moe.dispatch.DISPATCHERS`).
     """
 
     def __init__(
@@ -76,31 +96,77 @@ class MoE(nn.Module):
         backend: str = "auto",
         capacity_factor: float | None = None,
         init_std: float = 0.02,
+        granularity: int = 1,
+        shared_experts: int = 0,
+        shared_d_hidden: int | None = None,
+        shared_mix: str = "sum",
+        dispatch: str = "tokens",
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
+        for name, value in (
+            ("d_model", d_model),
+            ("num_experts", num_experts),
+            ("d_hidden", d_hidden),
+            ("granularity", granularity),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise HyperRouterError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(d_hidden, int) or d_hidden < 1:
-            raise HyperRouterError(f"d_hidden must be a positive integer, got {d_hidden!r}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise HyperRouterError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise HyperRouterError(
+                f"capacity_factor must be > 0 (or None for no limit), got {capacity_factor}"
+            )
+        if d_hidden % granularity:
+            raise HyperRouterError(
+                f"granularity must divide d_hidden={d_hidden}, got {granularity}"
+            )
+        if isinstance(shared_experts, bool) or not isinstance(shared_experts, int):
+            raise HyperRouterError(f"shared_experts must be an integer, got {shared_experts!r}")
+        if not 0 <= shared_experts <= num_experts:
+            raise HyperRouterError(
+                f"shared_experts must be in [0, num_experts={num_experts}], got {shared_experts}"
+            )
+        if shared_mix not in SHARED_MIXES:
+            raise HyperRouterError(
+                f"unknown shared_mix {shared_mix!r}; valid: {', '.join(SHARED_MIXES)}"
+            )
+        self.dispatch = check_dispatch(dispatch)
         self.d_model = d_model
-        self.num_experts = num_experts
+        self.granularity = granularity
+        self.num_experts = num_experts * granularity
         self.capacity_factor = capacity_factor
-        self.router = build_router(router, d_model, num_experts, **(router_options or {}))
+        self.router = build_router(router, d_model, self.num_experts, **(router_options or {}))
         self.router_name = router
         self.experts = Experts(
-            num_experts,
+            self.num_experts,
             d_model,
-            d_hidden,
+            d_hidden // granularity,
             activation=activation,
             bias=bias,
             dropout=dropout,
             init_std=init_std,
         )
+        self.shared = None
+        self.shared_gate = None
+        self.shared_mix = shared_mix
+        if shared_experts:
+            self.shared = Experts(
+                shared_experts,
+                d_model,
+                shared_d_hidden or d_hidden,
+                activation=activation,
+                bias=bias,
+                dropout=dropout,
+                init_std=init_std,
+            )
+            if shared_mix == "gate":
+                self.shared_gate = nn.Linear(d_model, 2)
+                nn.init.normal_(self.shared_gate.weight, 0.0, init_std)
+                nn.init.zeros_(self.shared_gate.bias)
         self.top_k = top_k
         self.backend = backend
+        self.step: int | None = None  # the optimizer step, set by the training step
+        self.register_buffer("load_since_step", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._awaiting_token_loss: tuple[Routing, Tensor | None] | None = None
 
     @property
     def top_k(self) -> int:
@@ -119,7 +185,8 @@ class MoE(nn.Module):
         self._backend = _check_backend(value)
 
     def extra_repr(self) -> str:
-        return f"router={self.router_name}, top_k={self.top_k}, backend={self.backend}"
+        extra = f", shared={self.shared.num_experts}" if self.shared is not None else ""
+        return f"router={self.router_name}, top_k={self.top_k}, backend={self.backend}{extra}"
 
     def _check_top_k(self, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -130,6 +197,32 @@ class MoE(nn.Module):
             raise HyperRouterError(f"top_k must be in [1, {self.num_experts}], got {value}")
         return value
 
+    # ---------------------------------------------------------------- training hooks
+    def token_loss_terms(self, token_loss: Tensor) -> dict[str, Tensor]:
+        """The router's extra losses from the per-token task loss of the last training forward.
+
+        `token_loss` has the shape of that forward's input without its last dimension (padding
+        included; it is removed here like it was for routing). Empty for routers without the hook.
+        """
+        pending, self._awaiting_token_loss = self._awaiting_token_loss, None
+        if pending is None:
+            return {}
+        routing, token_idx = pending
+        loss_T = token_loss.reshape(-1)
+        if token_idx is not None:
+            loss_T = loss_T.index_select(0, token_idx)
+        return self.router.token_loss_terms(routing, loss_T.detach())
+
+    def optimizer_step(self, step: int) -> None:
+        """Called once per optimizer step in training: the router sees the load since the last."""
+        if self.router.wants_optimizer_step:
+            load = self.load_since_step
+            if load.numel() == 0:
+                load = torch.zeros(self.num_experts, dtype=torch.long, device=load.device)
+            self.router.optimizer_step(load, step)
+        self.load_since_step = self.load_since_step.new_zeros(0)
+
+    # ---------------------------------------------------------------- forward
     def forward(
         self,
         x: Tensor,
@@ -138,19 +231,16 @@ class MoE(nn.Module):
         mask: Tensor | None = None,
         backend: str | None = None,
         return_details: bool = False,
+        token_ids: Tensor | None = None,
+        sequence_ids: Tensor | None = None,
     ) -> Tensor | MoEOutput:
         """Route and compute. Returns the output tensor, or a `MoEOutput` with return_details=True.
 
         `mask` (bool, x.shape[:-1]) marks real tokens: padding is not routed, not computed, adds
-        nothing to the auxiliary losses or statistics, and gets output 0.
+        nothing to the auxiliary losses or statistics, and gets output 0. `token_ids` and
+        `sequence_ids` (x.shape[:-1]) reach the router through its `RoutingContext`.
         """
-        if not torch.is_floating_point(x):
-            raise HyperRouterError(f"MoE input must be a floating-point tensor, got {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise HyperRouterError(
-                f"MoE input last dimension must be d_model={self.d_model}, got shape "
-                f"{tuple(x.shape)}"
-            )
+        self._check_input(x)
         k = self.top_k if top_k is None else self._check_top_k(top_k)
         backend_name = self.backend if backend is None else _check_backend(backend)
         if self.router.uses_all_experts:
@@ -159,52 +249,132 @@ class MoE(nn.Module):
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.d_model)
         token_idx = None
         if mask is not None:
-            if mask.shape != x.shape[:-1]:
+            if mask.shape != lead:
                 raise HyperRouterError(
-                    f"mask shape must be x.shape[:-1]={tuple(x.shape[:-1])}, "
-                    f"got {tuple(mask.shape)}"
+                    f"mask shape must be x.shape[:-1]={tuple(lead)}, got {tuple(mask.shape)}"
                 )
             token_idx = mask.reshape(-1).nonzero(as_tuple=True)[0]
             x_TD = x_TD.index_select(0, token_idx)
         num_tokens = x_TD.shape[0]
+        ctx = RoutingContext(
+            top_k=k,
+            training=self.training,
+            step=self.step,
+            token_ids=self._per_token(token_ids, "token_ids", lead, token_idx),
+            sequence_ids=self._per_token(sequence_ids, "sequence_ids", lead, token_idx),
+        )
 
-        routing = self.router(x_TD, k)
-        keep_TK = None
+        routing = self.router(x_TD, ctx)
+        keep_TK = routing.keep
         if self.capacity_factor is not None and num_tokens > 0:
             capacity = expert_capacity(num_tokens, self.num_experts, k, self.capacity_factor)
-            keep_TK = capacity_keep_mask(routing.expert_ids, self.num_experts, capacity)
+            keep_TK = capacity_keep_mask(routing.expert_ids, self.num_experts, capacity, keep_TK)
         if backend_name == "auto":
-            backend_name = choose_backend(num_tokens, self.num_experts, k, x.device, x.dtype)
+            backend_name = choose_backend(
+                num_tokens, self.num_experts, routing.expert_ids.shape[1], x.device, x.dtype
+            )
 
         if num_tokens == 0:
-            y_TD = x_TD.new_zeros(0, self.d_model, dtype=compute_dtype)
+            y_TD = self._empty_output(x_TD, compute_dtype)
         else:
-            run = BACKEND_FUNCTIONS[backend_name]
-            weights = self.experts.weights(compute_dtype if autocast else None)
-            with torch.autocast(device_type, enabled=False):  # the backends cast explicitly
-                y_TD = run(
-                    self.experts,
-                    weights,
-                    x_TD.to(compute_dtype),
-                    routing.expert_ids,
-                    routing.weights,
-                    keep_TK,
-                )
+            run = DISPATCHERS[self.dispatch]
+            y_TD = run(self.experts, x_TD, routing, keep_TK, backend_name, compute_dtype, autocast)
+            if self.shared is not None:
+                y_TD = self._mix_shared(x_TD, y_TD, compute_dtype, autocast)
 
         if token_idx is not None:
-            full = y_TD.new_zeros(x.shape[:-1].numel(), self.d_model)
+            full = y_TD.new_zeros(lead.numel(), self.d_model)
             y_TD = full.index_copy(0, token_idx, y_TD)
-        output = y_TD.view(*x.shape[:-1], self.d_model)
+        output = y_TD.view(*lead, self.d_model)
+
+        if self.training:
+            self._training_bookkeeping(routing, keep_TK, token_idx)
         if not return_details:
             return output
+        routing.keep = keep_TK
         return MoEOutput(
             output,
             routing.aux_losses,
-            _routing_stats(routing.logits, routing.expert_ids, keep_TK, backend_name, k),
+            _routing_stats(routing, keep_TK, self.num_experts, backend_name, k),
+            routing,
         )
+
+    # ---------------------------------------------------------------- helpers
+    def _check_input(self, x: Tensor) -> None:
+        if not torch.is_floating_point(x):
+            raise HyperRouterError(f"MoE input must be a floating-point tensor, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise HyperRouterError(
+                f"MoE input last dimension must be d_model={self.d_model}, got shape "
+                f"{tuple(x.shape)}"
+            )
+        param_dtype = self.experts.w_in.dtype
+        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise HyperRouterError(
+                f"MoE input is {x.dtype} but the layer's parameters are {param_dtype}; cast one "
+                f"to the other (x.to({param_dtype}) or layer.to({x.dtype})) or run under "
+                f"torch.autocast"
+            )
+
+    @staticmethod
+    def _per_token(
+        values: Tensor | None, name: str, lead: torch.Size, token_idx: Tensor | None
+    ) -> Tensor | None:
+        if values is None:
+            return None
+        if values.shape != lead:
+            raise HyperRouterError(
+                f"{name} shape must be x.shape[:-1]={tuple(lead)}, got {tuple(values.shape)}"
+            )
+        flat = values.reshape(-1)
+        return flat if token_idx is None else flat.index_select(0, token_idx)
+
+    def _empty_output(self, x_TD: Tensor, compute_dtype: torch.dtype) -> Tensor:
+        """[0, d_model] output still attached to the graph, so a loss built on an empty batch
+        backpropagates like any other (zero gradients) instead of failing."""
+        y = x_TD.to(compute_dtype) * 0
+        for p in self.parameters():
+            if p.requires_grad:
+                y = y + p.sum().to(compute_dtype) * 0
+        return y
+
+    def _mix_shared(
+        self, x_TD: Tensor, routed_TD: Tensor, compute_dtype: torch.dtype, autocast: bool
+    ) -> Tensor:
+        num_tokens, num_shared = x_TD.shape[0], self.shared.num_experts
+        ids = torch.arange(num_shared, device=x_TD.device).expand(num_tokens, -1)
+        ones = x_TD.new_ones(num_tokens, num_shared, dtype=compute_dtype)
+        weights = self.shared.weights(compute_dtype if autocast else None)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            shared_TD = dense_backend(self.shared, weights, x_TD.to(compute_dtype), ids, ones, None)
+        if self.shared_gate is None:
+            return routed_TD + shared_TD
+        gate_T2 = torch.softmax(at_least_fp32(self.shared_gate(x_TD)), dim=-1).to(routed_TD.dtype)
+        return gate_T2[:, :1] * routed_TD + gate_T2[:, 1:] * shared_TD
+
+    def _training_bookkeeping(
+        self, routing: Routing, keep_TK: Tensor | None, token_idx: Tensor | None
+    ) -> None:
+        router = self.router
+        if router.wants_token_loss:
+            self._awaiting_token_loss = (routing, token_idx)
+        if router.wants_optimizer_step:
+            with torch.no_grad():
+                ids = routing.expert_ids if keep_TK is None else routing.expert_ids[keep_TK]
+                counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+                if self.load_since_step.numel() == 0:
+                    self.load_since_step = counts
+                else:
+                    self.load_since_step = self.load_since_step + counts
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of a model, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def _check_backend(value: str) -> str:
@@ -215,22 +385,25 @@ def _check_backend(value: str) -> str:
 
 @torch.no_grad()
 def _routing_stats(
-    logits_TE: Tensor, ids_TK: Tensor, keep_TK: Tensor | None, backend: str, top_k: int
+    routing: Routing, keep_TK: Tensor | None, num_experts: int, backend: str, top_k: int
 ) -> RoutingStats:
-    num_experts = logits_TE.shape[-1]
+    ids_TK, logits_TE = routing.expert_ids, routing.logits
+    device = ids_TK.device
     kept_ids = ids_TK.reshape(-1) if keep_TK is None else ids_TK[keep_TK]
     counts_E = torch.bincount(kept_ids, minlength=num_experts)
-    if logits_TE.shape[0] > 0:
-        log_p = torch.log_softmax(at_least_fp32(logits_TE), dim=-1)
-        entropy = -(log_p.exp() * log_p).sum(-1).mean()
-    else:
-        entropy = logits_TE.new_zeros((), dtype=torch.float32)
+    entropy = None
+    if logits_TE is not None:
+        if logits_TE.shape[0] > 0:
+            log_p = torch.log_softmax(at_least_fp32(logits_TE), dim=-1)
+            entropy = -(log_p.exp() * log_p).sum(-1).mean()
+        else:
+            entropy = logits_TE.new_zeros((), dtype=torch.float32)
     total = max(ids_TK.numel(), 1)
     dropped = (ids_TK.numel() - kept_ids.numel()) / total
     return RoutingStats(
         counts_E,
         entropy,
-        torch.tensor(dropped, dtype=torch.float32, device=logits_TE.device),
+        torch.tensor(dropped, dtype=torch.float32, device=device),
         backend,
         top_k,
     )

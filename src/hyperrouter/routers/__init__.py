@@ -1,25 +1,35 @@
 """Router registry: `build_router(name, d_model, num_experts, **options)`.
 
-Registered names: smoe, smoe_dropout, hyperrouter, dense.
+Every router module registers itself on import; `ROUTERS` maps names to classes.
 """
 
 from hyperrouter.routers import dense, hyper, linear  # noqa: F401  (registers the routers)
 from hyperrouter.routers.base import (
     ROUTERS,
+    SCORE_FUNCTIONS,
+    LogitRouter,
     Router,
     Routing,
+    RoutingContext,
     build_router,
     register_router,
+    router_option_defaults,
     router_options,
+    select_experts,
     topk_softmax,
 )
 
 __all__ = [
     "ROUTERS",
+    "SCORE_FUNCTIONS",
+    "LogitRouter",
     "Router",
     "Routing",
+    "RoutingContext",
     "build_router",
     "register_router",
+    "router_option_defaults",
     "router_options",
+    "select_experts",
     "topk_softmax",
 ]

@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from hyperrouter.routers.base import Router, freeze_, init_linear_, register_router
+from hyperrouter.routers.base import LogitRouter, freeze_, init_linear_, register_router
 
 
 @register_router("hyperrouter")
-class HyperRouter(Router):
+class HyperRouter(LogitRouter):
     """Router whose Linear(d_model, E) weights and bias are H(e) for a frozen hypernetwork H.
 
     `embed_dim` defaults to d_model (the reference code; the paper calls e low-dimensional) and
@@ -33,15 +33,9 @@ class HyperRouter(Router):
         embed_dim: int | None = None,
         hyper_hidden: int = 256,
         init_std: float = 0.02,
-        balance_loss_weight: float = 0.0,
-        z_loss_weight: float = 0.0,
+        **options,
     ) -> None:
-        super().__init__(
-            d_model,
-            num_experts,
-            balance_loss_weight=balance_loss_weight,
-            z_loss_weight=z_loss_weight,
-        )
+        super().__init__(d_model, num_experts, **options)
         embed_dim = d_model if embed_dim is None else int(embed_dim)
         self.embedding = nn.Parameter(torch.randn(1, embed_dim))
         self.hypernet = nn.Sequential(

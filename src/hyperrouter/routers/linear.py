@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from hyperrouter.routers.base import Router, freeze_, init_linear_, register_router
+from hyperrouter.routers.base import LogitRouter, freeze_, init_linear_, register_router
 
 
 @register_router("smoe")
-class LinearRouter(Router):
+class LinearRouter(LogitRouter):
     """Trainable Linear(d_model, E) router: top-k over logits, softmax over the k selected logits.
 
-    Optional Switch balance loss and router z-loss (weights default 0, as in the reference).
+    Optional Switch balance loss and router z-loss (weights default 0, as in the reference), and
+    every logit router's score function option.
     """
 
     def __init__(
@@ -21,15 +22,9 @@ class LinearRouter(Router):
         *,
         bias: bool = True,
         init_std: float = 0.02,
-        balance_loss_weight: float = 0.0,
-        z_loss_weight: float = 0.0,
+        **options,
     ) -> None:
-        super().__init__(
-            d_model,
-            num_experts,
-            balance_loss_weight=balance_loss_weight,
-            z_loss_weight=z_loss_weight,
-        )
+        super().__init__(d_model, num_experts, **options)
         self.gate = nn.Linear(d_model, num_experts, bias=bias)
         init_linear_(self.gate, init_std)
 
@@ -39,13 +34,13 @@ class LinearRouter(Router):
 
 @register_router("smoe_dropout")
 class RandomFrozenRouter(LinearRouter):
-    """SMoE-Dropout: the linear router, initialised N(0, init_std) with zero bias, then frozen.
+    """SMoE-Dropout (Chen et al., ICLR 2023): the linear router, initialised N(0, init_std) with
+    zero bias, then frozen. Combine with a growing top-k schedule (hyperrouter.moe.schedules).
 
-    Combine with a growing top-k schedule (hyperrouter.moe.schedules) during training.
+    A balance loss or z-loss (off by default) cannot move the frozen router; it still pushes the
+    layer's inputs, i.e. the layers below, toward balanced routing.
     """
 
-    def __init__(
-        self, d_model: int, num_experts: int, *, bias: bool = True, init_std: float = 0.02
-    ) -> None:
-        super().__init__(d_model, num_experts, bias=bias, init_std=init_std)
+    def __init__(self, d_model: int, num_experts: int, **options) -> None:
+        super().__init__(d_model, num_experts, **options)
         freeze_(self.gate)
