@@ -114,8 +114,9 @@ def _cases() -> dict[str, torch.Tensor]:
         model = TransformerXL(
             50,
             ModelConfig(n_layer=2, n_head=2, d_head=8, d_model=16, d_inner=32, dropout=0.0),
-            MoEConfig(layers=[0, 1], num_experts=4, d_expert=16, top_k=2, router=router),
+            MoEConfig(layers=[0, 1], num_experts=4, d_expert=16, router=router),
             mem_len=6,
+            top_k=2,
         )
         data = torch.randint(0, 50, (7, 3))
         target = torch.randint(0, 50, (7, 3))

@@ -16,8 +16,8 @@ SMALL = dict(n_layer=2, n_head=2, d_head=8, d_model=16, d_inner=32, dropout=0.1)
 
 def make_model(n_token=40, moe_layers=(0, 1), router="hyperrouter", mem_len=8, **model_kw):
     torch.manual_seed(0)
-    moe = MoEConfig(layers=list(moe_layers), num_experts=4, d_expert=8, top_k=2, router=router)
-    return TransformerXL(n_token, ModelConfig(**{**SMALL, **model_kw}), moe, 8, mem_len)
+    moe = MoEConfig(layers=list(moe_layers), num_experts=4, d_expert=8, router=router)
+    return TransformerXL(n_token, ModelConfig(**{**SMALL, **model_kw}), moe, 8, mem_len, top_k=2)
 
 
 def test_attention_matches_the_relative_position_formula() -> None:

@@ -57,14 +57,17 @@ class Classifier(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, list]:
-        """tokens [L, B] (right-padded), lengths [B] -> (logits [B, C], aux loss, MoE stats)."""
+        """tokens [L, B] (right-padded), lengths [B] -> (logits [B, C], aux loss, MoE outputs).
+
+        The MoE outputs (one per MoE layer) carry each layer's named losses, statistics and
+        routing; routers see token ids and the example index as the sequence id."""
         max_len, batch = tokens.shape
         positions = torch.arange(max_len, device=tokens.device)[:, None]
         mask = positions < lengths[None, :]
-        hidden, _, aux, stats = self.body.body(tokens, None, token_mask=mask)
+        hidden, _, aux, outs = self.body.body(tokens, None, token_mask=mask)
         if self.pooling == "last":
             pooled = hidden[lengths - 1, torch.arange(batch, device=tokens.device)]
         else:
             weights = mask.to(hidden.dtype).unsqueeze(-1)
             pooled = (hidden * weights).sum(0) / lengths.to(hidden.dtype).unsqueeze(-1)
-        return self.head(pooled), aux, stats
+        return self.head(pooled), aux, outs

@@ -16,23 +16,36 @@ from torch import Tensor, nn
 
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
-from hyperrouter.moe import MoE, RoutingStats
+from hyperrouter.moe import MoE, MoEOutput, RoutingStats
 
 
 @dataclass
 class MoEConfig:
     """The MoE feed-forward layers. `layers` lists the layer indices that are MoE (empty: none,
-    which gives the dense baselines); every other layer has a dense FFN of width d_inner."""
+    which gives the dense baselines); every other layer has a dense FFN of width d_inner.
+
+    k is not set here: the training schedule (train.top_k_*) decides it at every step and the
+    evaluation sets it per call. granularity, shared_experts, shared_mix: DeepSeekMoE options of
+    `hyperrouter.MoE` (the experts are num_experts * granularity of width d_expert / granularity,
+    and the schedule's k counts those).
+    """
 
     layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     num_experts: int = 16
     d_expert: int = 512
-    top_k: int = 2
     router: str = "hyperrouter"
     router_options: dict = field(default_factory=dict)
     activation: str = "relu"
     backend: str = "auto"
     capacity_factor: float | None = None
+    granularity: int = 1
+    shared_experts: int = 0
+    shared_mix: str = "sum"
+
+    @property
+    def total_experts(self) -> int:
+        """Experts per MoE layer after fine-grained segmentation: the largest valid k."""
+        return self.num_experts * self.granularity
 
 
 @dataclass
@@ -68,6 +81,7 @@ class LMOutput:
     aux_loss: Tensor  # sum of the MoE layers' (weighted) auxiliary losses
     moe_stats: list[RoutingStats]  # one per MoE layer, in layer order
     hidden: Tensor | None = None  # last layer's output [qlen, batch, d_model]
+    moe_outputs: list[MoEOutput] = field(default_factory=list)  # per MoE layer: losses, routing
 
 
 class PositionalEmbedding(nn.Module):
@@ -156,10 +170,10 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None):
+    def forward(self, x: Tensor, token_mask: Tensor | None, routing_ids: dict[str, Tensor]):
         if self.moe is None:
             return self.layer_norm(x + self.drop(self.core(x))), None
-        out = self.moe(x, mask=token_mask, return_details=True)
+        out = self.moe(x, mask=token_mask, return_details=True, **routing_ids)
         return self.layer_norm(x + self.drop(out.output)), out
 
 
@@ -172,16 +186,17 @@ class DecoderLayer(nn.Module):
         )
         self.ff = FeedForward(c.d_model, c.d_inner, c.dropout, moe)
 
-    def forward(self, x, r, r_w_bias, r_r_bias, attn_mask, mems, token_mask):
+    def forward(self, x, r, r_w_bias, r_r_bias, attn_mask, mems, token_mask, routing_ids):
         x = self.attn(x, r, r_w_bias, r_r_bias, attn_mask, mems)
-        return self.ff(x, token_mask)
+        return self.ff(x, token_mask, routing_ids)
 
 
 class TransformerXL(nn.Module):
     """Transformer-XL language model whose FFNs are dense or MoE, per layer.
 
     forward(data [qlen, B], target [qlen, B] | None, mems) -> LMOutput. `set_top_k(k)` changes k
-    in every MoE layer at once.
+    in every MoE layer at once. Routers see each token's id and its batch column (the stream it
+    belongs to) as the sequence id.
     """
 
     def __init__(
@@ -191,6 +206,7 @@ class TransformerXL(nn.Module):
         moe: MoEConfig | None = None,
         tgt_len: int = 512,
         mem_len: int = 512,
+        top_k: int | None = None,
     ) -> None:
         super().__init__()
         c = config
@@ -223,7 +239,7 @@ class TransformerXL(nn.Module):
                     c.d_model,
                     moe.num_experts,
                     moe.d_expert,
-                    moe.top_k,
+                    moe.total_experts if top_k is None else top_k,
                     router=moe.router,
                     router_options=moe.router_options,
                     activation=moe.activation,
@@ -231,6 +247,9 @@ class TransformerXL(nn.Module):
                     backend=moe.backend,
                     capacity_factor=moe.capacity_factor,
                     init_std=c.init_std,
+                    granularity=moe.granularity,
+                    shared_experts=moe.shared_experts,
+                    shared_mix=moe.shared_mix,
                 )
             self.layers.append(DecoderLayer(c, layer_moe))
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, c.d_model, cutoffs, div_val)
@@ -269,8 +288,8 @@ class TransformerXL(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        """Experts per MoE layer (1 for a model without MoE layers)."""
-        return self.moe_config.num_experts if self.moe_layers() else 1
+        """Experts per MoE layer, the largest valid k (1 for a model without MoE layers)."""
+        return self.moe_config.total_experts if self.moe_layers() else 1
 
     def set_top_k(self, top_k: int) -> None:
         """Use k experts per token in every MoE layer (validated against E)."""
@@ -302,11 +321,12 @@ class TransformerXL(nn.Module):
         data: Tensor,
         mems: list[Tensor] | None = None,
         token_mask: Tensor | None = None,
-    ) -> tuple[Tensor, list[Tensor], Tensor, list[RoutingStats]]:
+    ) -> tuple[Tensor, list[Tensor], Tensor, list[MoEOutput]]:
         """Hidden states [qlen, B, d_model] for tokens `data` [qlen, B] given memory `mems`.
 
         `token_mask` [qlen, B] (bool) marks real tokens for MoE routing (padding is not routed).
-        Returns (hidden, new_mems, aux_loss, moe_stats).
+        Returns (hidden, new_mems, aux_loss, moe_outputs): the summed auxiliary losses and, per
+        MoE layer, its output (named losses, statistics, routing).
         """
         if data.dim() != 2:
             raise HyperRouterError(f"data must be [qlen, batch] token ids, got {tuple(data.shape)}")
@@ -326,7 +346,11 @@ class TransformerXL(nn.Module):
         pos = self.drop(self.pos_emb(pos_seq).to(word_emb.dtype))
         hids = [core]
         aux = word_emb.new_zeros((), dtype=torch.float32)
-        stats: list[RoutingStats] = []
+        moe_outs: list[MoEOutput] = []
+        routing_ids = {}
+        if self.moe_layers():
+            columns = torch.arange(data.shape[1], device=data.device)
+            routing_ids = {"token_ids": data, "sequence_ids": columns.expand_as(data)}
         for i, layer in enumerate(self.layers):
             core, moe_out = layer(
                 core,
@@ -336,25 +360,27 @@ class TransformerXL(nn.Module):
                 attn_mask,
                 mems[i] if mems else None,
                 token_mask,
+                routing_ids,
             )
             if moe_out is not None:
                 for value in moe_out.aux_losses.values():
                     aux = aux + value
-                stats.append(moe_out.stats)
+                moe_outs.append(moe_out)
             hids.append(core)
         new_mems = self._update_mems(hids, mems, qlen)
-        return self.drop(core), new_mems, aux, stats
+        return self.drop(core), new_mems, aux, moe_outs
 
     def forward(
         self, data: Tensor, target: Tensor | None = None, mems: list[Tensor] | None = None
     ) -> LMOutput:
-        hidden, new_mems, aux, stats = self.body(data, mems)
+        hidden, new_mems, aux, outs = self.body(data, mems)
+        stats = [o.stats for o in outs]
         if target is None:
-            return LMOutput(None, None, new_mems, aux, stats, hidden)
+            return LMOutput(None, None, new_mems, aux, stats, hidden, outs)
         tgt_len = target.shape[0]
         pred = hidden[-tgt_len:]
         nll = self.crit(pred.reshape(-1, pred.shape[-1]), target.reshape(-1)).view(tgt_len, -1)
-        return LMOutput(nll.mean(), nll, new_mems, aux, stats)
+        return LMOutput(nll.mean(), nll, new_mems, aux, stats, None, outs)
 
     def log_probs(self, data: Tensor, mems: list[Tensor] | None = None) -> Tensor:
         """Next-token log-probabilities [qlen, B, n_token] (fp32)."""

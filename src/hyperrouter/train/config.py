@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -92,12 +93,14 @@ class RunConfig:
     def build_model(self, n_token: int) -> TransformerXL:
         """The model this config describes, at the schedule's first k."""
         moe = self.moe if self.moe.layers else None
-        model = TransformerXL(
-            n_token, self.model, moe, tgt_len=self.train.tgt_len, mem_len=self.train.mem_len
+        return TransformerXL(
+            n_token,
+            self.model,
+            moe,
+            tgt_len=self.train.tgt_len,
+            mem_len=self.train.mem_len,
+            top_k=self.train_top_k(0) if moe is not None else None,
         )
-        if model.moe_layers():
-            model.set_top_k(self.train_top_k(0))
-        return model
 
     def validate(self) -> RunConfig:
         """Reject bad combinations early with a message saying what to change."""
@@ -121,6 +124,8 @@ class RunConfig:
         for name, value in positive.items():
             if value < 1:
                 raise HyperRouterError(f"{name} must be >= 1, got {value}")
+        if not e.top_ks:
+            raise HyperRouterError("eval.top_ks must list at least one k, e.g. [1, 2, 4, 8, 16]")
         if t.batch_chunk < 1 or t.batch_size % t.batch_chunk:
             raise HyperRouterError(
                 f"train.batch_chunk must divide train.batch_size={t.batch_size}, "
@@ -138,15 +143,19 @@ class RunConfig:
                 f"unknown train.top_k_schedule {t.top_k_schedule!r}; valid: {', '.join(SCHEDULES)}"
             )
         if moe.layers:
-            if not 1 <= t.top_k_min <= t.top_k_max <= moe.num_experts:
+            experts = moe.total_experts
+            label = f"moe.num_experts={experts}"
+            if moe.granularity > 1:
+                label = f"moe.num_experts * moe.granularity={experts}"
+            if not 1 <= t.top_k_min <= t.top_k_max <= experts:
                 raise HyperRouterError(
                     f"the top-k schedule needs 1 <= train.top_k_min <= train.top_k_max <= "
-                    f"moe.num_experts={moe.num_experts}, got {t.top_k_min} and {t.top_k_max}"
+                    f"{label}, got {t.top_k_min} and {t.top_k_max}"
                 )
-            too_big = [k for k in e.top_ks if k > moe.num_experts or k < 1]
+            too_big = [k for k in e.top_ks if k > experts or k < 1]
             if too_big:
                 raise HyperRouterError(
-                    f"eval.top_ks must be in [1, moe.num_experts={moe.num_experts}], got {too_big}"
+                    f"eval.top_ks must be in [1, {label}], got {too_big}"
                 )
         if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
             raise HyperRouterError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
@@ -238,7 +247,20 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value
+    if "router" in override and "router_options" not in override:
+        _forget_router_options(out, base.get("router", DEFAULT_ROUTER))
     return out
+
+
+DEFAULT_ROUTER = MoEConfig().router
+
+
+def _forget_router_options(section: dict[str, Any], old_router: str) -> None:
+    """Router options belong to the router they were given for: a section that switches to
+    another router without giving options of its own drops the inherited ones (a preset's
+    `hyper_hidden` means nothing to `smoe_dropout`)."""
+    if section.get("router", DEFAULT_ROUTER) != old_router and section.get("router_options"):
+        section["router_options"] = {}
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -247,8 +269,21 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """A validated RunConfig from a (possibly partial) nested dict."""
+    """A validated RunConfig from a (possibly partial) nested dict.
+
+    Accepts the config.json of runs made before k lived only in the schedule: their `moe.top_k`
+    was never used (the schedule set k) and is dropped.
+    """
+    data = drop_legacy_keys(data)
     return _from_dict(RunConfig, data).validate()
+
+
+def drop_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Remove keys older versions wrote that no longer mean anything (moe.top_k)."""
+    moe = data.get("moe")
+    if isinstance(moe, dict) and "top_k" in moe:
+        data = {**data, "moe": {k: v for k, v in moe.items() if k != "top_k"}}
+    return data
 
 
 # --------------------------------------------------------------------------- presets
@@ -285,11 +320,13 @@ def load_raw(name_or_path: str, seen: tuple[str, ...] = (), kind: str = "train")
     elif not path.is_file():
         raise HyperRouterError(f"config file {name_or_path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise HyperRouterError(f"config file {path} is not valid YAML{where}") from None
+    if raw is None:
+        raise HyperRouterError(f"config file {path} is empty")
     if not isinstance(raw, dict):
         raise HyperRouterError(f"config file {path} must hold a mapping of keys to values")
     base = raw.pop("base", None)
@@ -320,8 +357,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `--set` overrides to a raw config dict (keys are checked when it is built)."""
     raw = copy.deepcopy(raw)
+    options_given = set()  # sections whose router_options an override sets
     for text in overrides:
         keys, value = parse_override(text)
+        if "router_options" in keys:
+            options_given.add(tuple(keys[: keys.index("router_options")]))
         node = raw
         for i, k in enumerate(keys[:-1]):
             child = node.get(k)
@@ -330,7 +370,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise HyperRouterError(f"--set {'.'.join(keys[: i + 1])} is not a section")
             node = child
+        old_router = node.get("router", DEFAULT_ROUTER)
         node[keys[-1]] = value
+        if keys[-1] == "router" and tuple(keys[:-1]) not in options_given:
+            _forget_router_options(node, old_router)
     return raw
 
 
@@ -339,6 +382,45 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     raw = load_raw(name_or_path or "quick")
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw)
+
+
+def resume_config(
+    run: dict[str, Any], name_or_path: str | None, overrides: list[str] | None = None
+) -> RunConfig:
+    """The config a user gives with `--resume`, to be compared with the run's own (`run`, its
+    config.json): `--set`/`--data` alone apply to the run's own config; a `--config` preset is
+    resolved as for a new run except that the data path stays the run's unless it is given."""
+    if name_or_path is None:
+        raw = copy.deepcopy(run)
+    else:
+        raw = load_raw(name_or_path)
+        raw.setdefault("data", {})["path"] = (run.get("data") or {}).get("path")
+    config = config_from_dict(apply_overrides(raw, overrides or []))
+    given, stored = config.data.path, (run.get("data") or {}).get("path")
+    if given and stored and os.path.realpath(given) == os.path.realpath(stored):
+        config.data.path = stored  # the same file, spelled differently
+    return config
+
+
+def config_diff(run: dict[str, Any], given: dict[str, Any], ignore=("description",)) -> list[str]:
+    """`key: value (run) vs value (given)` for every key whose value differs, in config order."""
+    out = []
+    for key in dict.fromkeys([*run, *given]):
+        if key in ignore:
+            continue
+        a, b = run.get(key, _UNSET), given.get(key, _UNSET)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{line}" for line in config_diff(a, b, ())]
+        elif a != b:
+            out.append(f"{key}: {_show(a)} (run) vs {_show(b)} (given)")
+    return out
+
+
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is _UNSET else json.dumps(value)
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -39,6 +39,7 @@ from hyperrouter.train.config import (
     load_raw,
 )
 from hyperrouter.train.evaluate import load_trained, pick_device
+from hyperrouter.train.step import ChunkResult, training_step
 
 
 @dataclass
@@ -297,15 +298,23 @@ def finetune_run(
             order += rng.sample(range(len(train.ids)), len(train.ids))
         index, order = order[: config.batch_size], order[config.batch_size :]
         tokens, lengths, labels = make_batch(train, index, device)
-        logits, aux, _ = model(tokens, lengths)
-        loss = F.cross_entropy(logits.float(), labels)
-        total = loss + aux if aux.requires_grad else loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(model), config.clip)
-        optimizer.step()
-        window.append(loss.item())
+
+        def forward(tokens=tokens, lengths=lengths, labels=labels) -> ChunkResult:
+            logits, aux, outs = model(tokens, lengths)
+            per_example = F.cross_entropy(logits.float(), labels, reduction="none")
+            # each token of an example shares the example's loss (for routers that learn from it)
+            token_loss = per_example.detach().expand(tokens.shape[0], -1)
+            return ChunkResult(per_example.mean(), aux, token_loss, outs)
+
+        result = training_step(
+            model,
+            optimizer,
+            [forward],
+            step=step - 1,
+            clip=config.clip,
+            params=trainable_parameters(model),
+        )
+        window.append(result.loss)
         bar.update(1)
         if step % config.log_interval == 0:
             mean = sum(window) / len(window)

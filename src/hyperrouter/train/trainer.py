@@ -7,9 +7,11 @@ grad clip, progressive top-k -> periodic validation (training k and all experts)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from hyperrouter.data.iterators import LMOrderedIterator
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.params import parameter_summary, trainable_parameters
 from hyperrouter.train import checkpoint as ckpt
-from hyperrouter.train.config import RunConfig, config_from_dict
+from hyperrouter.train.config import RunConfig, config_diff, config_from_dict
 from hyperrouter.train.evaluate import (
     autocast,
     eval_mem_len,
@@ -33,6 +35,7 @@ from hyperrouter.train.evaluate import (
     metric_value,
     pick_device,
 )
+from hyperrouter.train.step import ChunkResult, StepResult, training_step
 
 RUN_FILE = "run.json"
 
@@ -99,10 +102,13 @@ class Run:
                 f"--resume: {self.out_dir} holds no run to resume (no config.json)"
             )
         saved = config_from_dict(ckpt.read_json(stored))
-        if config is not None and config.to_dict() != saved.to_dict():
+        diff = config_diff(saved.to_dict(), config.to_dict()) if config is not None else []
+        if diff:
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
             raise HyperRouterError(
-                f"--resume: the given config differs from the one {self.out_dir} was started with; "
-                f"resume without --config/--set, or choose another --out"
+                f"--resume: {self.out_dir} was started with another config: "
+                f"{'; '.join(diff[:3])}{more}; resume without --config/--set/--data to continue "
+                f"it as it is, or choose another --out"
             )
         return saved
 
@@ -218,7 +224,7 @@ class Run:
         bar = _progress_bar(t.steps, self.step, self.progress)
         model, opt = self.model, self.optimizer
         model.train()
-        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+        window = _Window()
         while self.step < t.steps:
             k = cfg.train_top_k(self.step) if model.moe_layers() else None
             if k is not None:
@@ -228,12 +234,15 @@ class Run:
                 group["lr"] = lr
             inp, target, seq_len = self.train_iter.get_batch(self.step % len(self.train_iter))
             start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss, out = self._forward_backward(inp, target)
-            if t.clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable_parameters(model), t.clip)
-            opt.step()
-            loss_value = loss.item()
+            result = training_step(
+                model,
+                opt,
+                self._chunks(inp, target),
+                step=self.step,
+                clip=t.clip,
+                params=trainable_parameters(model),
+            )
+            loss_value = result.loss
             if not math.isfinite(loss_value):
                 raise HyperRouterError(
                     f"training diverged at step {self.step} (loss {loss_value}); "
@@ -244,13 +253,10 @@ class Run:
             self.step += 1
             self.train_tokens += tokens
             self.train_seconds += elapsed
-            window_loss += loss_value
-            window_steps += 1
-            window_tokens += tokens
-            window_time += elapsed
+            window.add(result, tokens, elapsed)
             bar.update(1)
             if self.step % t.log_interval == 0 or self.step == t.steps:
-                mean = window_loss / window_steps
+                mean = window.loss / window.steps
                 record = {
                     "step": self.step,
                     "split": "train",
@@ -258,13 +264,9 @@ class Run:
                     metric: metric_value(mean, self.kind),
                     "top_k": k,
                     "lr": lr,
-                    "aux_loss": float(out.aux_loss),
-                    "tokens_per_second": window_tokens / max(window_time, 1e-9),
+                    "tokens_per_second": window.tokens / max(window.time, 1e-9),
+                    **window.routing_record(),
                 }
-                if out.moe_stats:
-                    record["router_entropy"] = float(
-                        sum(s.entropy for s in out.moe_stats) / len(out.moe_stats)
-                    )
                 self._metric(record)
                 bar.set_postfix(
                     loss=f"{mean:.3f}",
@@ -272,30 +274,31 @@ class Run:
                     k=k if k is not None else "-",
                     tok_s=f"{record['tokens_per_second']:.0f}",
                 )
-                window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+                window = _Window()
             if self.step % t.eval_interval == 0 or self.step == t.steps:
                 self._validate(k, metric, bar)
         bar.close()
         return self.final_test()
 
-    def _forward_backward(self, inp: Tensor, target: Tensor):
-        """Loss of one batch, backpropagated in `train.batch_chunk` column chunks (each with its
-        own memory) so that big batches fit in little memory; returns (mean loss, last output)."""
+    def _chunks(self, inp: Tensor, target: Tensor) -> list[Callable[[], ChunkResult]]:
+        """One batch as `train.batch_chunk` column chunks (each with its own memory), so that big
+        batches fit in little memory; each chunk's forward is run by the training step."""
         chunks = self.config.train.batch_chunk
         if not self.mems:
             self.mems = [[] for _ in range(chunks)]
-        loss_sum = 0.0
-        for i, (inp_i, target_i) in enumerate(
-            zip(inp.chunk(chunks, dim=1), target.chunk(chunks, dim=1))
-        ):
+
+        def forward(i: int, inp_i: Tensor, target_i: Tensor) -> ChunkResult:
             with autocast(self.device, self.config.train.amp):
                 out = self.model(inp_i, target_i, self.mems[i])
-            loss = out.loss.float()
-            total = loss + out.aux_loss if out.aux_loss.requires_grad else loss
-            (total / chunks).backward()
             self.mems[i] = out.mems
-            loss_sum += loss.detach()
-        return loss_sum / chunks, out
+            return ChunkResult(out.loss, out.aux_loss, out.nll, out.moe_outputs)
+
+        return [
+            functools.partial(forward, i, inp_i, target_i)
+            for i, (inp_i, target_i) in enumerate(
+                zip(inp.chunk(chunks, dim=1), target.chunk(chunks, dim=1))
+            )
+        ]
 
     def _validate(self, k: int | None, metric: str, bar) -> None:
         cfg = self.config
@@ -366,6 +369,52 @@ class Run:
         }
         ckpt.write_json_atomic(self.out_dir / "results.json", results)
         return results
+
+
+class _Window:
+    """Training metrics accumulated between two log lines."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.tokens, self.time = 0.0, 0, 0, 0.0
+        self.aux: dict[str, float] = {}
+        self.load: list[list[int]] = []
+        self.entropy: list[list[float]] = []
+        self.dropped = 0.0
+
+    def add(self, result: StepResult, tokens: int, elapsed: float) -> None:
+        self.loss += result.loss
+        self.steps += 1
+        self.tokens += tokens
+        self.time += elapsed
+        for name, value in result.aux_losses.items():
+            self.aux[name] = self.aux.get(name, 0.0) + value
+        if not self.load:
+            self.load = [[0] * len(layer) for layer in result.layer_load]
+            self.entropy = [[] for _ in result.layer_load]
+        for i, layer in enumerate(result.layer_load):
+            self.load[i] = [a + b for a, b in zip(self.load[i], layer)]
+            if result.layer_entropy[i] is not None:
+                self.entropy[i].append(result.layer_entropy[i])
+        self.dropped += result.dropped_fraction
+
+    def routing_record(self) -> dict[str, Any]:
+        """Per-name auxiliary losses (mean per step), and per MoE layer the expert load summed
+        over the window and the mean router entropy; the mean dropped fraction."""
+        if not self.steps:
+            return {}
+        record: dict[str, Any] = {
+            "aux_loss": sum(self.aux.values()) / self.steps,
+            "aux_losses": {name: value / self.steps for name, value in self.aux.items()},
+        }
+        if self.load:
+            entropy = [sum(e) / len(e) if e else None for e in self.entropy]
+            record["expert_load"] = self.load
+            record["router_entropy_by_layer"] = entropy
+            known = [e for e in entropy if e is not None]
+            if known:
+                record["router_entropy"] = sum(known) / len(known)
+            record["dropped_fraction"] = self.dropped / self.steps
+        return record
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
