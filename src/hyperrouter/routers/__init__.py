@@ -3,7 +3,14 @@
 Every router module registers itself on import; `ROUTERS` maps names to classes.
 """
 
-from hyperrouter.routers import dense, hyper, linear  # noqa: F401  (registers the routers)
+from hyperrouter.routers import (  # noqa: F401  (registers the routers)
+    aux_free,
+    dense,
+    expert_choice,
+    hyper,
+    linear,
+    switch,
+)
 from hyperrouter.routers.base import (
     ROUTERS,
     SCORE_FUNCTIONS,
