@@ -5,11 +5,14 @@ Every router module registers itself on import; `ROUTERS` maps names to classes.
 
 from hyperrouter.routers import (  # noqa: F401  (registers the routers)
     aux_free,
+    base_layers,
     dense,
     expert_choice,
     hyper,
     linear,
+    stablemoe,
     switch,
+    xmoe,
 )
 from hyperrouter.routers.base import (
     ROUTERS,
