@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch import distributed as dist
 
-from hyperrouter.routers.base import check_option, register_router
+from hyperrouter.routers.base import Routing, RoutingContext, check_option, register_router
 from hyperrouter.routers.linear import LinearRouter
 
 
@@ -41,6 +41,8 @@ class AuxFreeRouter(LinearRouter):
     - Wang et al. use softmax gates in their main experiments; the default follows DeepSeek-V3's
       sigmoid (score="softmax_topk" gives the former).
     - Linear gate initialised N(0, init_std) like the rest of the model; router math in fp32.
+    - At k = 1 with renormalize the weight is exactly 1, so the gate gets no gradient from the
+      output (V3 uses k = 8); use renormalize False (weight s) or a larger k there.
     """
 
     def __init__(
@@ -79,6 +81,13 @@ class AuxFreeRouter(LinearRouter):
 
     def selection_bias(self) -> Tensor:
         return self.expert_bias
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext | int) -> Routing:
+        routing = super().forward(x_TD, ctx)
+        if self.renormalize and self.score != "topk_softmax" and routing.weights.shape[1] == 1:
+            # s / s at k = 1: exactly 1, without the rounding residue of its zero gradient
+            routing.weights = torch.ones_like(routing.weights.detach())
+        return routing
 
     @torch.no_grad()
     def optimizer_step(self, load_E: Tensor, step: int) -> None:

@@ -248,7 +248,10 @@ class GShardRouter(_CapacityRouter):
         probs_TE = torch.softmax(logits_TE, dim=-1)
         ids_TK = torch.topk(probs_TE.detach(), top_k, dim=-1, sorted=True).indices
         gates_TK = probs_TE.gather(1, ids_TK)
-        weights_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        if top_k == 1:  # g1 / g1: exactly 1, without the rounding residue of its zero gradient
+            weights_TK = torch.ones_like(gates_TK.detach())
+        else:
+            weights_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         keep_TK = None
         if ctx.training and self.second_expert_policy == "random" and top_k > 1:
             keep_prob_TK = (top_k * weights_TK.detach()).clamp(max=1.0)
