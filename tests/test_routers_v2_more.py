@@ -289,3 +289,27 @@ def test_bad_options_raise_one_line_errors(name, options, option) -> None:
         build_router(name, D, 4, **options)
     message = str(err.value)
     assert "\n" not in message and "must be" in message
+
+
+@pytest.mark.parametrize("solver", ["exact", "auction"])
+def test_base_uneven_topk_rounds_keep_the_first_experts_one_pair_ahead(solver) -> None:
+    torch.manual_seed(0)
+    router = build_router("base", D, 4, solver=solver).train()
+    routing = router(torch.randn(7, D), ctx(k=3, training=True))
+    counts = torch.bincount(routing.expert_ids.reshape(-1), minlength=4).tolist()
+    assert counts == [6, 5, 5, 5]  # 21 pairs: the first 21 mod 4 = 1 expert takes one more
+    assert all(len(set(row)) == 3 for row in routing.expert_ids.tolist())
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [("xmoe", {}), ("stablemoe", {"vocab_size": 10}), ("base", {})],
+)
+def test_router_math_is_fp32_under_autocast(name, options) -> None:
+    torch.manual_seed(0)
+    router = build_router(name, D, 4, **options).train()
+    ids = torch.randint(0, 10, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(torch.randn(9, D), ctx(k=2, training=True, step=0, ids=ids))
+    assert routing.logits.dtype == routing.weights.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in routing.aux_losses.values())

@@ -225,7 +225,8 @@ class BaseLayerRouter(Router):
     def forward(self, x_TD: Tensor, ctx: RoutingContext | int) -> Routing:
         ctx = self.context(ctx)
         x_TD = at_least_fp32(x_TD)
-        scores_TE = x_TD @ self.centroids.to(x_TD.dtype).t()
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even under autocast
+            scores_TE = x_TD @ self.centroids.to(x_TD.dtype).t()
         keep_TK = None
         if ctx.training and x_TD.shape[0] > 0:
             solver = self.solver_for(x_TD.shape[0])

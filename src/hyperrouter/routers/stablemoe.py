@@ -148,10 +148,15 @@ class StableMoERouter(Router):
     def backbone_scores(self, x_TD: Tensor) -> Tensor:
         """s [T, E] = x . c^T in fp32 (fp64 for fp64 inputs)."""
         x_TD = at_least_fp32(x_TD)
-        return x_TD @ self.centroids.to(x_TD.dtype).t()
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even under autocast
+            return x_TD @ self.centroids.to(x_TD.dtype).t()
 
     def distilled_logits(self, x_TD: Tensor, ctx: RoutingContext, frozen: bool) -> Tensor:
         """D . c'^T [T, E]; with `frozen` no gradient reaches the distilled router."""
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even under autocast
+            return self._distilled_logits(x_TD, ctx, frozen)
+
+    def _distilled_logits(self, x_TD: Tensor, ctx: RoutingContext, frozen: bool) -> Tensor:
         dtype = at_least_fp32(x_TD).dtype
         centroids = self.distill_centroids.to(dtype)
         if self.distill_embedding is not None:

@@ -108,9 +108,10 @@ class XMoERouter(LogitRouter):
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         x_TD = at_least_fp32(x_TD)
         dtype = x_TD.dtype
-        tokens_TL = F.normalize(F.linear(x_TD, self.reduction.weight.to(dtype)), dim=-1)
-        experts_EL = F.normalize(self.expert_embeddings.to(dtype), dim=-1)
-        return (tokens_TL @ experts_EL.t()) / self.temperature.to(dtype)
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even under autocast
+            tokens_TL = F.normalize(F.linear(x_TD, self.reduction.weight.to(dtype)), dim=-1)
+            experts_EL = F.normalize(self.expert_embeddings.to(dtype), dim=-1)
+            return (tokens_TL @ experts_EL.t()) / self.temperature.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, low_dim={self.low_dim}"
