@@ -20,6 +20,7 @@ from hyperrouter.analysis.routing import (
     routing_agreement,
 )
 from hyperrouter.cli import main
+from hyperrouter.routers import Routing
 from hyperrouter.train.config import config_from_dict, load_config
 from hyperrouter.train.trainer import train_run
 from tests.test_train import tiny_config
@@ -52,10 +53,17 @@ def test_expert_similarity_known_cases() -> None:
 
 
 def test_routing_agreement() -> None:
-    logits = torch.randn(30, E)
-    assert routing_agreement(logits, logits, 2) == {"top1_changed": 0.0, "topk_jaccard": 1.0}
-    flipped = routing_agreement(logits, -logits, 1)
-    assert flipped["top1_changed"] == 1.0 and flipped["topk_jaccard"] == 0.0
+    ids = torch.tensor([[0, 1], [2, 3], [1, 0]])
+    weights = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    same = Routing(ids, weights)
+    assert routing_agreement(same, same, E) == {"top1_changed": 0.0, "topk_jaccard": 1.0}
+    # first choices are the highest-weight slots: 0, 3, 1 vs 1, 2, 0 -> all changed; same sets
+    swapped = Routing(ids, 1 - weights)
+    assert routing_agreement(same, swapped, E) == {"top1_changed": 1.0, "topk_jaccard": 1.0}
+    # dropped slots do not count as used: token 0 keeps only expert 1 -> Jaccard 1/2 there
+    dropped = Routing(ids, weights, keep=torch.tensor([[False, True], [True, True], [True, True]]))
+    got = routing_agreement(same, dropped, E)
+    assert got["topk_jaccard"] == pytest.approx((0.5 + 1 + 1) / 3)
 
 
 @pytest.fixture
@@ -102,7 +110,7 @@ def test_compare_end_to_end_and_resume(tmp_path, corpus, monkeypatch) -> None:
     args = [
         "compare",
         "--methods",
-        "hyperrouter,dense",
+        "hyperrouter,dense_ffn",
         "--seeds",
         "2",
         "--config",
@@ -114,14 +122,17 @@ def test_compare_end_to_end_and_resume(tmp_path, corpus, monkeypatch) -> None:
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "bpc" and summary["ks"] == [1, 2, 4]
-    assert set(summary["methods"]) == {"hyperrouter", "dense"}
+    assert set(summary["methods"]) == {"hyperrouter", "dense_ffn"}
     hyper = summary["methods"]["hyperrouter"]
     assert len(hyper["by_top_k"]["1"]["values"]) == 2
-    assert summary["methods"]["dense"]["dense"] and summary["methods"]["dense"]["analysis"] is None
+    assert (
+        summary["methods"]["dense_ffn"]["dense"]
+        and summary["methods"]["dense_ffn"]["analysis"] is None
+    )
     assert hyper["analysis"]["entropy_mean"]["mean"] > 0
     assert (
         hyper["parameters"]["frozen"] > 0
-        and summary["methods"]["dense"]["parameters"]["frozen"] == 0
+        and summary["methods"]["dense_ffn"]["parameters"]["frozen"] == 0
     )
     # the table, the CSV and the JSON agree
     rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").open())}
@@ -142,7 +153,7 @@ def test_compare_end_to_end_and_resume(tmp_path, corpus, monkeypatch) -> None:
         assert (out / png).stat().st_size > 1000
 
     # half-finished sweep: one run lost its results; only that one trains again (and resumes)
-    lost = out / "runs" / "dense-seed1112" / "results.json"
+    lost = out / "runs" / "dense_ffn-seed1112" / "results.json"
     lost.unlink()
     # and an analysis written by an older version (a statistic missing) is redone, not reused
     stale_path = out / "runs" / "hyperrouter-seed1111" / "analysis" / "analysis.json"
@@ -158,16 +169,17 @@ def test_compare_end_to_end_and_resume(tmp_path, corpus, monkeypatch) -> None:
 
     monkeypatch.setattr(compare_mod, "train_run", counting)
     assert main(args) == 0
-    assert calls == [("dense-seed1112", True)]
+    assert calls == [("dense_ffn-seed1112", True)]
     assert lost.is_file()
     assert "load_cv_top1" in json.loads(stale_path.read_text())["means"]
 
 
 def test_methods_match_the_cpu_presets() -> None:
     base = load_config("enwik8-hyperrouter-cpu")
-    for method in ("smoe_dropout", "smoe", "dense", "dense_dropout"):
+    presets = {"dense_ffn": "dense", "dense_ffn_dropout": "dense_dropout"}
+    for method in ("smoe_dropout", "smoe", "dense_ffn", "dense_ffn_dropout"):
         made = load_config("enwik8-hyperrouter-cpu", compare_mod.method_overrides(method, base))
-        preset = load_config(f"enwik8-{method}-cpu")
+        preset = load_config(f"enwik8-{presets.get(method, method)}-cpu")
         assert made.to_dict() | {"name": "", "description": ""} == preset.to_dict() | {
             "name": "",
             "description": "",
@@ -178,6 +190,7 @@ def test_methods_match_the_cpu_presets() -> None:
     "args,message",
     [
         (["--methods", "hyperrouter,magic"], "unknown method(s) magic"),
+        (["--methods", "dense"], "'dense' is ambiguous: use dense_ffn"),
         (["--methods", ","], "--methods needs at least one"),
         (["--seeds", "0"], "--seeds must be >= 1"),
     ],
@@ -197,7 +210,7 @@ def test_compare_refuses_a_sweep_of_another_configuration(tmp_path, corpus, caps
     args = [
         "compare",
         "--methods",
-        "dense",
+        "dense_ffn",
         "--seeds",
         "1",
         "--config",

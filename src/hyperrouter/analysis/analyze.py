@@ -1,11 +1,13 @@
 """`hyperrouter analyze RUN_DIR`: what the routers of a trained model do on held-out text.
 
-Per MoE layer, on validation tokens at the training k (the schedule's final k): router entropy
-(mean and histogram), expert load and its coefficient of variation (at the training k and at
-k = 1, i.e. where each token's first choice goes: at k = E the former is trivially 0), expert
-diversity (mean pairwise cosine similarity of expert outputs on the same tokens), and how the
-routing of the other kept checkpoints differs on the very same layer inputs. Writes
-analysis.json and plots.
+Per MoE layer, on validation tokens at the training k (the schedule's final k), from the routing
+the layer really did (its `MoEOutput`: router drops, capacity drops and all): router entropy
+(mean and histogram; absent for routers without logits), expert load and its coefficient of
+variation (of the kept assignments, and of each token's first choice, i.e. its highest-weight
+slot: at k = E the former is trivially 0), the dropped fraction, expert diversity (mean pairwise
+cosine similarity of expert outputs on the same tokens), and how the routing of the other kept
+checkpoints differs when their routers route the very same layer inputs. Writes analysis.json
+and plots.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from hyperrouter.analysis.routing import (
     entropy_per_token,
     expert_load,
     expert_similarity,
+    first_choice,
     histogram,
     routing_agreement,
 )
-from hyperrouter.moe import MoE
+from hyperrouter.moe import MoE, MoEOutput
+from hyperrouter.routers import Routing, RoutingContext
 from hyperrouter.train import checkpoint as ckpt
 from hyperrouter.train.evaluate import eval_mem_len, evaluate, load_matching_corpus, load_trained
 
@@ -34,26 +38,66 @@ ENTROPY_BINS = 20
 ANALYSIS_KEYS = ("entropy_mean", "load_cv", "load_cv_top1", "expert_similarity")
 
 
-def _capture_inputs(layers: list[MoE], limit: int) -> tuple[list[list[Tensor]], list]:
-    captured: list[list[Tensor]] = [[] for _ in layers]
+class _Captured:
+    """Per layer: the routed inputs and the routing the layer did on them (up to `limit` tokens)."""
+
+    def __init__(self) -> None:
+        self.inputs: list[Tensor] = []
+        self.ids: list[Tensor] = []
+        self.weights: list[Tensor] = []
+        self.keep: list[Tensor] = []
+        self.logits: list[Tensor] = []
+        self.tokens = 0
+
+    def routing(self) -> Routing:
+        keep = torch.cat(self.keep)
+        logits = torch.cat(self.logits) if self.logits else None
+        return Routing(torch.cat(self.ids), torch.cat(self.weights), logits, keep=keep)
+
+
+def _capture(layers: list[MoE], limit: int) -> tuple[list[_Captured], list]:
+    captured = [_Captured() for _ in layers]
 
     def hook(i: int):
-        def pre(module, args, kwargs):
+        def post(module: MoE, args, kwargs, output) -> None:
+            if not isinstance(output, MoEOutput) or output.routing is None:
+                return
+            c = captured[i]
+            take = limit - c.tokens
+            if take <= 0:
+                return
             x = args[0].detach().reshape(-1, module.d_model)
-            have = sum(t.shape[0] for t in captured[i])
-            if have < limit:
-                captured[i].append(x[: limit - have].float().cpu())
+            mask = kwargs.get("mask")
+            if mask is not None:
+                x = x[mask.reshape(-1)]
+            r = output.routing
+            keep = r.keep if r.keep is not None else torch.ones_like(r.expert_ids, dtype=torch.bool)
+            c.inputs.append(x[:take].float().cpu())
+            c.ids.append(r.expert_ids[:take].cpu())
+            c.weights.append(r.weights[:take].detach().float().cpu())
+            c.keep.append(keep[:take].cpu())
+            if r.logits is not None:
+                c.logits.append(r.logits[:take].detach().float().cpu())
+            c.tokens += min(take, x.shape[0])
 
-        return pre
+        return post
 
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(layers)]
+    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(layers)]
     return captured, handles
 
 
-def _router_logits(layer: MoE, x: Tensor) -> Tensor:
-    router = layer.router
-    with torch.no_grad():
-        return router.compute_logits(x.to(next(layer.parameters()).dtype)).float()
+def _route(layer: MoE, x: Tensor, top_k: int) -> Routing:
+    """How `layer`'s router routes x in eval (with the layer's own capacity limit, if any)."""
+    dtype = next(layer.parameters()).dtype
+    k = layer.num_experts if layer.router.uses_all_experts else top_k
+    if layer.capacity_factor is not None:
+        routing = layer(x.to(dtype), top_k=k, return_details=True).routing
+    else:
+        routing = layer.router(x.to(dtype), RoutingContext(top_k=k, training=False))
+    keep = routing.keep
+    if keep is None:
+        keep = torch.ones_like(routing.expert_ids, dtype=torch.bool)
+    return Routing(routing.expert_ids.cpu(), routing.weights.float().cpu(), None, keep=keep.cpu())
 
 
 @torch.no_grad()
@@ -84,7 +128,7 @@ def analyze_run(
     corpus = load_matching_corpus(run, data)
     top_k = config.train_top_k(config.train.steps)
     device = next(model.parameters()).device
-    captured, handles = _capture_inputs(layers, max_tokens)
+    captured, handles = _capture(layers, max_tokens)
     batches = max(1, -(-max_tokens // (config.eval.batch_size * config.eval.tgt_len)))
     try:
         evaluate(
@@ -100,30 +144,31 @@ def analyze_run(
     finally:
         for h in handles:
             h.remove()
-    inputs = [torch.cat(c) for c in captured]
     others = _other_checkpoints(run_dir, run.folder)
     num_experts = model.num_experts
-    for index, (layer, x) in enumerate(zip(layers, inputs)):
-        logits = _router_logits(layer, x.to(device)).cpu()
-        entropy = entropy_per_token(logits)
-        k = num_experts if layer.router.uses_all_experts else top_k
-        ids = logits.topk(k, dim=-1).indices
-        counts = expert_load(ids, num_experts)
-        counts_top1 = expert_load(ids[:, :1], num_experts)  # where each token goes at k = 1
+    for index, (layer, cap) in enumerate(zip(layers, captured)):
+        x = torch.cat(cap.inputs)
+        routing = cap.routing()
+        k = routing.expert_ids.shape[1]
+        counts = expert_load(routing.expert_ids[routing.keep], num_experts)
+        counts_top1 = expert_load(first_choice(routing), num_experts)
+        wanted = x.shape[0] * (num_experts if layer.router.uses_all_experts else top_k)
+        kept = int(routing.keep.sum())
+        dropped = max(0.0, 1.0 - kept / wanted) if wanted else 0.0  # as RoutingStats counts it
         sample = x[:diversity_tokens].to(device)
         layer_dtype = next(layer.parameters()).dtype
         outputs = torch.stack(
             [layer.experts.expert_forward(e, sample.to(layer_dtype)) for e in range(num_experts)]
         ).float()
+        max_entropy = float(torch.log(torch.tensor(float(num_experts))))
         entry = {
             "layer": index,
             "tokens": int(x.shape[0]),
             "top_k": k,
-            "entropy_mean": float(entropy.mean()),
-            "entropy_max_possible": float(torch.log(torch.tensor(float(num_experts)))),
-            "entropy_histogram": histogram(
-                entropy, ENTROPY_BINS, 0.0, float(torch.log(torch.tensor(float(num_experts))))
-            ),
+            "entropy_mean": None,
+            "entropy_max_possible": max_entropy,
+            "entropy_histogram": None,
+            "dropped_fraction": dropped,
             "tokens_per_expert": counts.tolist(),
             "load_cv": coefficient_of_variation(counts),
             "tokens_per_expert_top1": counts_top1.tolist(),
@@ -131,14 +176,19 @@ def analyze_run(
             "expert_similarity": expert_similarity(outputs),
             "checkpoint_changes": {},
         }
+        if routing.logits is not None:
+            entropy = entropy_per_token(routing.logits)
+            entry["entropy_mean"] = float(entropy.mean())
+            entry["entropy_histogram"] = histogram(entropy, ENTROPY_BINS, 0.0, max_entropy)
+        here = _route(layer, x.to(device), top_k)
         for name, other_layers in others.items():
-            other_logits = _router_logits(other_layers[index], x.to(device)).cpu()
-            entry["checkpoint_changes"][name] = routing_agreement(logits, other_logits, k)
+            there = _route(other_layers[index], x.to(device), top_k)
+            entry["checkpoint_changes"][name] = routing_agreement(here, there, num_experts)
         result["layers"].append(entry)
-    result["means"] = {
-        key: sum(layer[key] for layer in result["layers"]) / len(result["layers"])
-        for key in ANALYSIS_KEYS
-    }
+    result["means"] = {}
+    for key in (*ANALYSIS_KEYS, "dropped_fraction"):
+        values = [layer[key] for layer in result["layers"] if layer[key] is not None]
+        result["means"][key] = sum(values) / len(values) if values else None
     result["top_k"] = top_k
     _write(out, result)
     if make_plots:

@@ -1,17 +1,15 @@
 """`hyperrouter compare`: train several routing methods under one budget and tabulate them.
 
 Every method is the base config with a few keys changed, so everything else (steps, tokens,
-optimizer, LR schedule, model sizes) is identical:
+optimizer, LR schedule, model sizes) is identical. The methods are data, in
+configs/compare/methods.yaml (hyperrouter, smoe_dropout, smoe, all_experts, dense_ffn,
+dense_ffn_dropout and the classic routers with their natural k); every registered router name is a
+method too (that router with default options and the base's schedule). `dense` is refused as
+ambiguous: `dense_ffn` is the dense-FFN model, `all_experts` the MoE model with router 'dense'.
 
-- hyperrouter:   moe.router = hyperrouter (keeps the base's router_options if it is one)
-- smoe_dropout:  moe.router = smoe_dropout (frozen random router)
-- smoe:          moe.router = smoe, fixed k = 2 (REFERENCE.md's trainable SMoE baseline)
-- dense:         no MoE layers; one FFN of width num_experts * d_expert; dropout 0
-- dense_dropout: the same dense model with the base's dropout (0.1 if the base has none)
-
-hyperrouter and smoe_dropout use the base's top-k schedule (paper: 8 -> 16). Seeds are
-train.seed + i. Runs live in SWEEP_DIR/runs/<method>-seed<seed>; finished runs are reused and an
-interrupted one resumes from its last checkpoint, so re-running the command continues a sweep.
+Seeds are train.seed + i. Runs live in SWEEP_DIR/runs/<method>-seed<seed>; finished runs are
+reused and an interrupted one resumes from its last checkpoint, so re-running the command
+continues a sweep; a run folder whose config is not the method's is refused, never reused.
 """
 
 from __future__ import annotations
@@ -24,59 +22,82 @@ import shutil
 import statistics
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from hyperrouter.analysis import plots
 from hyperrouter.analysis.analyze import ANALYSIS_KEYS, analyze_run
 from hyperrouter.bench import machine_description
 from hyperrouter.data.corpus import load_corpus
 from hyperrouter.errors import HyperRouterError
+from hyperrouter.routers import ROUTERS
 from hyperrouter.train import checkpoint as ckpt
 from hyperrouter.train.config import RunConfig, apply_overrides, config_from_dict, load_raw
 from hyperrouter.train.trainer import train_run
 
-METHODS = ("hyperrouter", "smoe_dropout", "smoe", "dense", "dense_dropout")
 DEFAULT_BASE = "enwik8-hyperrouter-cpu"
 SWEEP_FILE = "sweep.json"
+AMBIGUOUS = {
+    "dense": "'dense' is ambiguous: use dense_ffn (a dense FFN model with the experts' parameters) "
+    "or all_experts (the MoE model with router 'dense', every expert per token)",
+    "dense_dropout": "method 'dense_dropout' is now called dense_ffn_dropout",
+}
+
+
+def method_presets() -> dict[str, dict[str, Any]]:
+    """The method presets (configs/compare/methods.yaml), by name."""
+    text = resources.files("hyperrouter").joinpath("configs/compare/methods.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def methods_available() -> list[str]:
+    """Every method name `--methods` accepts: the presets, then the other registered routers."""
+    presets = method_presets()
+    return [*presets, *sorted(r for r in ROUTERS if r not in presets and r not in AMBIGUOUS)]
 
 
 def method_overrides(method: str, base: RunConfig) -> list[str]:
     """The `--set` overrides that turn the base config into `method`."""
-    moe = base.moe
-    if method == "hyperrouter":
-        keep = moe.router == "hyperrouter"
-        options = json.dumps(moe.router_options if keep else {})
-        return ["moe.router=hyperrouter", f"moe.router_options={options}"]
-    if method == "smoe_dropout":
-        return ["moe.router=smoe_dropout", "moe.router_options={}"]
-    if method == "smoe":
-        return [
-            "moe.router=smoe",
-            "moe.router_options={}",
-            "train.top_k_schedule=constant",
-            "train.top_k_min=2",
-            "train.top_k_max=2",
-        ]
-    if method in ("dense", "dense_dropout"):
-        dropout = 0.0 if method == "dense" else (base.model.dropout or 0.1)
-        return [
-            "moe.layers=[]",
-            f"model.d_inner={moe.num_experts * moe.d_expert}",
-            f"model.dropout={dropout}",
-        ]
-    raise HyperRouterError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method in AMBIGUOUS:
+        raise HyperRouterError(AMBIGUOUS[method])
+    presets = method_presets()
+    if method in presets:
+        spec = presets[method]
+    elif method in ROUTERS:
+        spec = {"set": {"moe.router": method, "moe.router_options": {}}}
+    else:
+        raise HyperRouterError(
+            f"unknown method {method!r}; valid: {', '.join(methods_available())}"
+        )
+    settings = dict(spec.get("set", {}))
+    if spec.get("keep_router_options") and base.moe.router == settings.get("moe.router"):
+        settings["moe.router_options"] = base.moe.router_options
+    elif "moe.router" in settings:
+        settings.setdefault("moe.router_options", {})
+    if spec.get("d_inner_from_experts"):
+        settings["model.d_inner"] = base.moe.num_experts * base.moe.d_expert
+    if "top_k" in spec:
+        k = int(spec["top_k"])
+        settings.update(
+            {"train.top_k_schedule": "constant", "train.top_k_min": k, "train.top_k_max": k}
+        )
+    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
 
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
+    valid = methods_available()
     if not methods:
-        raise HyperRouterError(f"--methods needs at least one of {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
+        raise HyperRouterError(f"--methods needs at least one of {', '.join(valid)}")
+    for m in methods:
+        if m in AMBIGUOUS:
+            raise HyperRouterError(AMBIGUOUS[m])
+    unknown = [m for m in methods if m not in valid]
     if unknown:
-        raise HyperRouterError(
-            f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}"
-        )
+        raise HyperRouterError(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     if len(set(methods)) != len(methods):
         raise HyperRouterError(f"--methods lists a method twice: {text}")
     return methods
@@ -142,6 +163,23 @@ class Sweep:
     def run_dir(self, method: str, seed: int) -> Path:
         return self.out / "runs" / f"{method}-seed{seed}"
 
+    def _check_run_config(self, method: str, seed: int) -> None:
+        """A run folder is reused or resumed only if it was started with this method's config."""
+        stored = self.run_dir(method, seed) / "config.json"
+        if not stored.is_file():
+            return
+        have = config_from_dict(ckpt.read_json(stored)).to_dict()
+        want = self.configs[(method, seed)].to_dict()
+        for d in (have, want):
+            d.pop("name", None)
+            d.pop("description", None)
+        if have != want:
+            diff = _first_differences(have, want)
+            raise HyperRouterError(
+                f"{stored.parent} was trained with another config than method {method!r} "
+                f"({diff}); move it away or choose another --out"
+            )
+
     # ------------------------------------------------------------------ running
     def run(self, progress: bool = True, log=print) -> dict[str, Any]:
         jobs = [(m, s) for s in self.seeds for m in self.methods]
@@ -150,6 +188,7 @@ class Sweep:
         for i, (method, seed) in enumerate(jobs, 1):
             run_dir = self.run_dir(method, seed)
             name = run_dir.name
+            self._check_run_config(method, seed)
             if (run_dir / "results.json").is_file():
                 log(f"[{i}/{len(jobs)}] {name}: finished earlier, reused")
                 continue
@@ -211,7 +250,10 @@ class Sweep:
                 "parameters": results[0]["parameters"],
                 "analysis": None
                 if dense
-                else {key: _stats([a["means"][key] for a in analyses]) for key in ANALYSIS_KEYS},
+                else {
+                    key: _stats([_nan_if_none(a["means"].get(key)) for a in analyses])
+                    for key in (*ANALYSIS_KEYS, "dropped_fraction")
+                },
                 "seeds": self.seeds,
                 "wall_seconds": _stats(
                     [wall.get(self.run_dir(method, s).name, float("nan")) for s in self.seeds]
@@ -237,12 +279,30 @@ class Sweep:
         return summary
 
 
+def _first_differences(have: dict, want: dict, prefix: str = "", limit: int = 3) -> str:
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+        elif a != b:
+            diffs.append(f"{key}: {a!r} in the run vs {b!r}")
+
+    walk(have, want, prefix)
+    return "; ".join(diffs[:limit]) + ("; ..." if len(diffs) > limit else "")
+
+
 def _analysis_is_current(path: Path) -> bool:
     """An analysis.json holding every statistic this version tabulates (older ones are redone)."""
     if not path.is_file():
         return False
     result = ckpt.read_json(path)
     return "note" in result or set(ANALYSIS_KEYS) <= set(result.get("means", {}))
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -284,7 +344,7 @@ def table_markdown(summary: dict[str, Any]) -> str:
     ks, metric = summary["ks"], summary["metric"].upper()
     head = ["method", "trainable params", "total params"]
     head += [f"{metric} k={k}" for k in ks]
-    head += ["router entropy", "load CV", "load CV k=1", "expert cos-sim"]
+    head += ["router entropy", "load CV", "load CV k=1", "expert cos-sim", "dropped"]
     head += [f"tok/s k={k}" for k in ks] + ["train tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in summary["methods"].items():
@@ -294,9 +354,10 @@ def table_markdown(summary: dict[str, Any]) -> str:
             s = m["by_top_k"][str(k)]
             text = f"{s['mean']:.4f} ± {s['std']:.4f}"
             cells.append(f"**{text}**" if summary["best"][str(k)] == name else text)
-        for key in ANALYSIS_KEYS:
+        for key in (*ANALYSIS_KEYS, "dropped_fraction"):
             a = m["analysis"]
-            cells.append("-" if a is None else f"{a[key]['mean']:.3f}")
+            value = None if a is None or key not in a else a[key]["mean"]
+            cells.append("-" if value is None or math.isnan(value) else f"{value:.3f}")
         cells += [f"{m['tokens_per_second'][str(k)]['mean']:,.0f}" for k in ks]
         cells.append(f"{m['train_tokens_per_second']['mean']:,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -317,7 +378,7 @@ def table_csv(summary: dict[str, Any]) -> str:
     header = ["method", "dense", "trainable_params", "total_params"]
     for k in ks:
         header += [f"k{k}_mean", f"k{k}_std"]
-    header += ["router_entropy", "load_cv", "load_cv_top1", "expert_similarity"]
+    header += ["router_entropy", "load_cv", "load_cv_top1", "expert_similarity", "dropped"]
     header += [f"tokens_per_second_k{k}" for k in ks] + ["train_tokens_per_second", "best_at"]
     writer.writerow(header)
     for name, m in summary["methods"].items():
@@ -325,7 +386,10 @@ def table_csv(summary: dict[str, Any]) -> str:
         for k in ks:
             row += [m["by_top_k"][str(k)]["mean"], m["by_top_k"][str(k)]["std"]]
         a = m["analysis"]
-        row += ["" if a is None else a[key]["mean"] for key in ANALYSIS_KEYS]
+        row += [
+            "" if a is None or key not in a else a[key]["mean"]
+            for key in (*ANALYSIS_KEYS, "dropped_fraction")
+        ]
         row += [m["tokens_per_second"][str(k)]["mean"] for k in ks]
         row.append(m["train_tokens_per_second"]["mean"])
         row.append(" ".join(str(k) for k in ks if summary["best"][str(k)] == name))

@@ -15,6 +15,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from hyperrouter.routers import Routing
+
 
 def entropy_per_token(logits_TE: Tensor) -> Tensor:
     """Entropy (nats) of softmax(logits) for each token: [T]."""
@@ -48,19 +50,34 @@ def expert_similarity(outputs_END: Tensor) -> float:
     return float(torch.stack(sims).mean())
 
 
-def routing_agreement(logits_a_TE: Tensor, logits_b_TE: Tensor, top_k: int) -> dict[str, float]:
-    """How two routers (e.g. two checkpoints) route the same tokens differently: the share of
-    tokens whose top-1 expert changed and the mean Jaccard overlap of their top-k expert sets."""
-    changed = (logits_a_TE.argmax(-1) != logits_b_TE.argmax(-1)).double().mean()
-    set_a = torch.zeros_like(logits_a_TE, dtype=torch.bool).scatter_(
-        1, logits_a_TE.topk(top_k, -1).indices, True
-    )
-    set_b = torch.zeros_like(logits_b_TE, dtype=torch.bool).scatter_(
-        1, logits_b_TE.topk(top_k, -1).indices, True
-    )
+def first_choice(routing: Routing) -> Tensor:
+    """Each token's first choice: the expert of its highest-weight slot (kept or not): [T]."""
+    if routing.expert_ids.shape[0] == 0:
+        return routing.expert_ids.new_zeros(0)
+    slot = routing.weights.argmax(-1, keepdim=True)
+    return routing.expert_ids.gather(1, slot).squeeze(1)
+
+
+def expert_sets(routing: Routing, num_experts: int) -> Tensor:
+    """[T, E] bool: the experts each token really used (kept slots only)."""
+    keep = routing.keep
+    if keep is None:
+        keep = torch.ones_like(routing.expert_ids, dtype=torch.bool)
+    sets = torch.zeros(routing.expert_ids.shape[0], num_experts, dtype=torch.long)
+    sets.scatter_add_(1, routing.expert_ids.cpu(), keep.long().cpu())
+    return sets > 0
+
+
+def routing_agreement(a: Routing, b: Routing, num_experts: int) -> dict[str, float]:
+    """How two routings of the same tokens differ (e.g. two checkpoints' routers): the share of
+    tokens whose first choice changed and the mean Jaccard overlap of the expert sets they used
+    (tokens that used no expert in either count as agreeing)."""
+    changed = (first_choice(a) != first_choice(b)).double().mean()
+    set_a, set_b = expert_sets(a, num_experts), expert_sets(b, num_experts)
     inter = (set_a & set_b).sum(-1).double()
     union = (set_a | set_b).sum(-1).double()
-    return {"top1_changed": float(changed), "topk_jaccard": float((inter / union).mean())}
+    jaccard = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return {"top1_changed": float(changed), "topk_jaccard": float(jaccard.mean())}
 
 
 def histogram(values: Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:

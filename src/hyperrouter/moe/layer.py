@@ -35,9 +35,9 @@ class RoutingStats:
 
     tokens_per_expert: [E] (token, slot) assignments each expert computed (after dropping);
     entropy: mean over tokens of the entropy (nats) of the full router softmax over all E experts
-    (None for routers without logits); dropped_fraction: fraction of the T*K assignments dropped by
-    the router or the capacity limit (0 without either); backend: the expert backend that ran;
-    top_k: the k used.
+    (None for routers without logits); dropped_fraction: the share of the call's T * k
+    assignments that no expert computed (dropped by the router or the capacity limit; 0 when
+    every token got its k); backend: the expert backend that ran; top_k: the k used.
     """
 
     tokens_per_expert: Tensor
@@ -398,8 +398,10 @@ def _routing_stats(
             entropy = -(log_p.exp() * log_p).sum(-1).mean()
         else:
             entropy = logits_TE.new_zeros((), dtype=torch.float32)
-    total = max(ids_TK.numel(), 1)
-    dropped = (ids_TK.numel() - kept_ids.numel()) / total
+    # against the T * k assignments of the call (not the router's slots: expert choice pads its
+    # token-major slots, and padding is not a drop)
+    wanted = ids_TK.shape[0] * top_k
+    dropped = max(0.0, 1.0 - kept_ids.numel() / wanted) if wanted else 0.0
     return RoutingStats(
         counts_E,
         entropy,

@@ -113,6 +113,8 @@ def select_experts(
     if score == "topk_softmax":
         return ids_TK, torch.softmax(values_TK, dim=-1)
     if renormalize:
+        if top_k == 1:  # s / s is 1, but its rounding noise would reach the router's gradient
+            return ids_TK, torch.ones_like(values_TK)
         values_TK = values_TK / values_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     return ids_TK, values_TK
 
