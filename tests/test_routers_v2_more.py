@@ -182,7 +182,10 @@ def test_stablemoe_token_id_errors_are_one_line() -> None:
         router(x, ctx(ids=torch.tensor([0, 6, 1])))
     assert "\n" not in str(err.value)
     with pytest.raises(HyperRouterError, match="no token ids"):
-        router(x, ctx())
+        router(x, ctx(training=True, step=0))  # stage 1 training distils on token ids
+    with pytest.raises(HyperRouterError, match="no token ids"):
+        router(x, ctx(step=5))  # stage 2 routes by them
+    assert router(x, ctx(step=0)).expert_ids.shape == (3, 1)  # stage 1 eval: the backbone
 
 
 # ---------------------------------------------------------------- BASE

@@ -56,7 +56,9 @@ Differences from the paper / reference code, and why:
 - The reference evaluates with the distilled router even during stage 1; here evaluation uses
   the stage of the last optimizer step (the backbone in stage 1), so validation measures the
   routing that is being trained.
-- Token ids outside [0, vocab_size) raise an error instead of indexing out of range.
+- Token ids outside [0, vocab_size) raise an error instead of indexing out of range. Token ids
+  are needed only where the distilled router runs (stage-1 training, stage 2): a stage-1
+  evaluation call without them routes by the backbone.
 """
 
 from __future__ import annotations
@@ -160,6 +162,12 @@ class StableMoERouter(Router):
         dtype = at_least_fp32(x_TD).dtype
         centroids = self.distill_centroids.to(dtype)
         if self.distill_embedding is not None:
+            if ctx.token_ids is None:
+                raise HyperRouterError(
+                    "router stablemoe has vocab_size set but got no token ids: pass token_ids "
+                    "to the MoE layer, or leave router_options.vocab_size unset to distil on "
+                    "hidden states"
+                )
             ids = ctx.token_ids.long()
             table = self.distill_embedding.weight
             features = F.embedding(ids, table.detach() if frozen else table).to(dtype)
@@ -170,11 +178,6 @@ class StableMoERouter(Router):
 
     def _check_token_ids(self, ctx: RoutingContext, num_tokens: int) -> None:
         ids = ctx.token_ids
-        if ids is None:
-            raise HyperRouterError(
-                "router stablemoe has vocab_size set but got no token ids: pass token_ids to the "
-                "MoE layer, or leave router_options.vocab_size unset to distil on hidden states"
-            )
         if ids.shape != (num_tokens,):
             raise HyperRouterError(
                 f"stablemoe token ids must have shape [{num_tokens}], got {tuple(ids.shape)}"
@@ -189,8 +192,8 @@ class StableMoERouter(Router):
     # ---------------------------------------------------------------- forward
     def forward(self, x_TD: Tensor, ctx: RoutingContext | int) -> Routing:
         ctx = self.context(ctx)
-        if self.distill_embedding is not None:  # every call, so a misconfiguration shows at once
-            self._check_token_ids(ctx, x_TD.shape[0])
+        if self.distill_embedding is not None and ctx.token_ids is not None:
+            self._check_token_ids(ctx, x_TD.shape[0])  # every call: a bad vocab_size shows at once
         stage = self.stage_for(ctx)
         scores_TE = self.backbone_scores(x_TD)
         if stage == 2:
