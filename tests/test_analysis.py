@@ -223,3 +223,50 @@ def test_compare_refuses_a_sweep_of_another_configuration(tmp_path, corpus, caps
     capsys.readouterr()
     assert main([*args, "--set", "train.lr=0.1"]) == 2
     assert "holds a sweep with a different configuration" in capsys.readouterr().err
+
+
+def test_compare_runs_every_registered_router(tmp_path, corpus) -> None:
+    """A tiny sweep over every router of the registry (and the dense-FFN baseline): each trains,
+    is evaluated at every k and analysed, and lands in the table."""
+    import yaml
+
+    from hyperrouter.routers import ROUTERS
+
+    cfg = tiny_config(
+        corpus,
+        train={"steps": 2, "eval_interval": 2, "log_interval": 1, "batch_size": 2, "tgt_len": 8},
+        eval={"tgt_len": 8, "batch_size": 2, "top_ks": [1, 4], "max_valid_batches": 2},
+    )
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(cfg))
+    methods = [("all_experts" if r == "dense" else r) for r in sorted(ROUTERS)] + ["dense_ffn"]
+    out = tmp_path / "zoo"
+    args = ["compare", "--methods", ",".join(methods), "--seeds", "1", "--config", str(base)]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == set(methods)
+    table = (out / "table.md").read_text()
+    for method, m in summary["methods"].items():
+        assert method in table
+        for k in ("1", "4"):
+            assert math.isfinite(m["by_top_k"][k]["mean"]), method
+        if method != "dense_ffn":
+            dropped = m["analysis"]["dropped_fraction"]["mean"]
+            assert 0.0 <= dropped <= 1.0, method
+
+
+def test_analyze_reports_the_dropped_fraction_the_run_really_had(tmp_path, corpus) -> None:
+    cfg = tiny_config(corpus, moe={"router": "smoe", "router_options": {}, "capacity_factor": 0.5})
+    cfg["train"].update({"top_k_schedule": "constant", "top_k_min": 2, "top_k_max": 2})
+    run = tmp_path / "run"
+    train_run(config_from_dict(cfg), run, progress=False, log=lambda _: None)
+    result = analyze_run(run, max_tokens=64, diversity_tokens=16, make_plots=False)
+    for layer in result["layers"]:
+        # capacity ceil(T * 2 / 4 * 0.5) = T / 4 per expert: at most half of the 2T pairs fit
+        assert layer["dropped_fraction"] >= 0.5 - 1e-9
+        kept = sum(layer["tokens_per_expert"])
+        assert layer["dropped_fraction"] == pytest.approx(1 - kept / (layer["tokens"] * 2))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert all(r["dropped_fraction"] >= 0.5 - 1e-9 for r in train)
+    assert all(len(r["expert_load"]) == 2 and len(r["expert_load"][0]) == 4 for r in train)

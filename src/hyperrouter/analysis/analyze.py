@@ -47,12 +47,26 @@ class _Captured:
         self.weights: list[Tensor] = []
         self.keep: list[Tensor] = []
         self.logits: list[Tensor] = []
+        self.token_ids: list[Tensor] = []
+        self.sequence_ids: list[Tensor] = []
         self.tokens = 0
 
+    def ids_of(self, name: str) -> Tensor | None:
+        parts = getattr(self, name)
+        return torch.cat(parts) if parts and len(parts) == len(self.inputs) else None
+
     def routing(self) -> Routing:
-        keep = torch.cat(self.keep)
+        """The captured batches as one Routing; routers whose slot count varies by batch (expert
+        choice) are padded with dropped slots."""
+        slots = max(t.shape[1] for t in self.ids)
+
+        def pad(parts: list[Tensor], value: float | bool) -> Tensor:
+            return torch.cat(
+                [torch.nn.functional.pad(t, (0, slots - t.shape[1]), value=value) for t in parts]
+            )
+
         logits = torch.cat(self.logits) if self.logits else None
-        return Routing(torch.cat(self.ids), torch.cat(self.weights), logits, keep=keep)
+        return Routing(pad(self.ids, 0), pad(self.weights, 0.0), logits, keep=pad(self.keep, False))
 
 
 def _capture(layers: list[MoE], limit: int) -> tuple[list[_Captured], list]:
@@ -78,6 +92,11 @@ def _capture(layers: list[MoE], limit: int) -> tuple[list[_Captured], list]:
             c.keep.append(keep[:take].cpu())
             if r.logits is not None:
                 c.logits.append(r.logits[:take].detach().float().cpu())
+            for name in ("token_ids", "sequence_ids"):
+                ids = kwargs.get(name)
+                if ids is not None:
+                    ids = ids.reshape(-1) if mask is None else ids[mask]
+                    getattr(c, name).append(ids[:take].cpu())
             c.tokens += min(take, x.shape[0])
 
         return post
@@ -86,14 +105,28 @@ def _capture(layers: list[MoE], limit: int) -> tuple[list[_Captured], list]:
     return captured, handles
 
 
-def _route(layer: MoE, x: Tensor, top_k: int) -> Routing:
-    """How `layer`'s router routes x in eval (with the layer's own capacity limit, if any)."""
+def _route(layer: MoE, x: Tensor, top_k: int, cap: _Captured) -> Routing:
+    """How `layer`'s router routes x in eval (with the layer's own capacity limit, if any), with
+    the token and sequence ids the model gave with those inputs."""
     dtype = next(layer.parameters()).dtype
     k = layer.num_experts if layer.router.uses_all_experts else top_k
+    device = x.device
+    token_ids, sequence_ids = cap.ids_of("token_ids"), cap.ids_of("sequence_ids")
+    token_ids = None if token_ids is None else token_ids.to(device)
+    sequence_ids = None if sequence_ids is None else sequence_ids.to(device)
     if layer.capacity_factor is not None:
-        routing = layer(x.to(dtype), top_k=k, return_details=True).routing
+        routing = layer(
+            x.to(dtype),
+            top_k=k,
+            return_details=True,
+            token_ids=token_ids,
+            sequence_ids=sequence_ids,
+        ).routing
     else:
-        routing = layer.router(x.to(dtype), RoutingContext(top_k=k, training=False))
+        ctx = RoutingContext(
+            top_k=k, training=False, token_ids=token_ids, sequence_ids=sequence_ids
+        )
+        routing = layer.router(x.to(dtype), ctx)
     keep = routing.keep
     if keep is None:
         keep = torch.ones_like(routing.expert_ids, dtype=torch.bool)
@@ -180,9 +213,9 @@ def analyze_run(
             entropy = entropy_per_token(routing.logits)
             entry["entropy_mean"] = float(entropy.mean())
             entry["entropy_histogram"] = histogram(entropy, ENTROPY_BINS, 0.0, max_entropy)
-        here = _route(layer, x.to(device), top_k)
+        here = _route(layer, x.to(device), top_k, cap)
         for name, other_layers in others.items():
-            there = _route(other_layers[index], x.to(device), top_k)
+            there = _route(other_layers[index], x.to(device), top_k, cap)
             entry["checkpoint_changes"][name] = routing_agreement(here, there, num_experts)
         result["layers"].append(entry)
     result["means"] = {}
