@@ -4,6 +4,7 @@ Shapes of its `Routing`; the MoE layer's output and the gradients of the input a
 trainable parameter against a naive per-token loop over the router's own routing (relative error
 <= 1e-5 in fp32); k changing between calls; eval determinism; a state_dict round trip; a padding
 mask; an empty batch. A router registered later is covered without touching this file.
+Every call gets token ids and sequence ids, as Transformer-XL and the classifier give them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from hyperrouter.params import trainable_parameters
 from hyperrouter.routers import ROUTERS, RoutingContext
 
 E, D, H, T = 8, 16, 24, 24
+VOCAB = 50
 NAMES = sorted(ROUTERS)
+
+
+def ids_for(lead: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Token ids (a fixed pattern over a vocabulary of VOCAB) and sequence ids for x.shape[:-1]."""
+    n = int(torch.Size(lead).numel())
+    token_ids = (torch.arange(n) * 7 % VOCAB).reshape(lead)
+    sequence_ids = (torch.arange(n) // 5).reshape(lead)
+    return {"token_ids": token_ids, "sequence_ids": sequence_ids}
 
 
 def make(name: str, seed: int = 0, **kwargs) -> MoE:
@@ -34,7 +44,7 @@ def naive_expert(layer: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
 
 
 def layer_loss(layer: MoE, x: torch.Tensor, k: int, g: torch.Tensor):
-    out = layer(x, top_k=k, return_details=True)
+    out = layer(x, top_k=k, return_details=True, **ids_for(x.shape[:-1]))
     loss = (out.output * g).sum() + sum(out.aux_losses.values(), torch.zeros(()))
     return out.output, loss
 
@@ -42,7 +52,8 @@ def layer_loss(layer: MoE, x: torch.Tensor, k: int, g: torch.Tensor):
 def naive_loss(layer: MoE, x: torch.Tensor, k: int, g: torch.Tensor):
     if layer.router.uses_all_experts:
         k = E
-    routing = layer.router(x, RoutingContext(top_k=k, training=layer.training))
+    ctx = RoutingContext(top_k=k, training=layer.training, **ids_for(x.shape[:-1]))
+    routing = layer.router(x, ctx)
     keep = routing.keep
     rows = []
     for t in range(x.shape[0]):
@@ -94,8 +105,9 @@ def test_output_and_every_gradient_match_a_naive_loop(name: str, k: int) -> None
 def test_routing_shapes_and_k_changes_between_calls(name: str) -> None:
     layer = make(name).eval()
     x = torch.randn(T, D)
+    ids = ids_for((T,))
     for k in (1, 3, 2):
-        routing = layer.router(x, RoutingContext(top_k=k, training=False))
+        routing = layer.router(x, RoutingContext(top_k=k, training=False, **ids))
         slots = routing.expert_ids.shape[1]
         assert routing.expert_ids.shape == routing.weights.shape == (T, slots)
         assert routing.expert_ids.dtype == torch.long
@@ -104,7 +116,7 @@ def test_routing_shapes_and_k_changes_between_calls(name: str) -> None:
             assert routing.logits.shape == (T, E)
         if routing.keep is not None:
             assert routing.keep.shape == (T, slots) and routing.keep.dtype == torch.bool
-        out = layer(x, top_k=k, return_details=True)
+        out = layer(x, top_k=k, return_details=True, **ids)
         assert out.output.shape == (T, D)
         assert out.stats.top_k == (E if layer.router.uses_all_experts else k)
         assert int(out.stats.tokens_per_expert.sum()) <= T * slots
@@ -114,14 +126,15 @@ def test_routing_shapes_and_k_changes_between_calls(name: str) -> None:
 def test_eval_is_deterministic_and_state_dict_round_trips(name: str) -> None:
     layer = make(name, seed=0)
     x = torch.randn(T, D)
+    ids = ids_for((T,))
     layer.train()
-    layer(x)  # a training call first: eval must not depend on training-time randomness
+    layer(x, **ids)  # a training call first: eval must not depend on training-time randomness
     layer.eval()
-    first, second = layer(x), layer(x)
+    first, second = layer(x, **ids), layer(x, **ids)
     assert torch.equal(first, second)
     other = make(name, seed=123).eval()
     other.load_state_dict(layer.state_dict())
-    assert torch.equal(other(x), first)
+    assert torch.equal(other(x, **ids), first)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,9 +144,10 @@ def test_padding_is_not_routed(name: str) -> None:
     mask = torch.ones(3, 8, dtype=torch.bool)
     mask[0, 5:] = False
     mask[2, 2:] = False
-    out = layer(x, mask=mask, return_details=True)
+    ids = ids_for((3, 8))
+    out = layer(x, mask=mask, return_details=True, **ids)
     assert torch.equal(out.output[~mask], torch.zeros(int((~mask).sum()), D))
-    real = layer(x[mask], return_details=True)
+    real = layer(x[mask], return_details=True, **{n: v[mask] for n, v in ids.items()})
     torch.testing.assert_close(out.output[mask], real.output, rtol=1e-6, atol=1e-6)
     assert torch.equal(out.stats.tokens_per_expert, real.stats.tokens_per_expert)
 
@@ -144,12 +158,14 @@ def test_an_empty_batch_behaves_like_any_other(name: str) -> None:
         layer = make(name)
         getattr(layer, mode)()
         x = torch.zeros(0, D, requires_grad=True)
-        out = layer(x, return_details=True)
+        out = layer(x, return_details=True, **ids_for((0,)))
         assert out.output.shape == (0, D)
         loss = out.output.sum() + sum(out.aux_losses.values(), torch.zeros(()))
         loss.backward()
         assert x.grad is not None and x.grad.shape == (0, D)
         padded = torch.randn(2, 3, D, requires_grad=True)
-        everything_masked = layer(padded, mask=torch.zeros(2, 3, dtype=torch.bool))
+        everything_masked = layer(
+            padded, mask=torch.zeros(2, 3, dtype=torch.bool), **ids_for((2, 3))
+        )
         everything_masked.sum().backward()
         assert torch.equal(padded.grad, torch.zeros(2, 3, D))
