@@ -14,6 +14,11 @@ x_t + sigmoid(s_{t,a_t}) E_{a_t}(x_t): the router gives the weight sigmoid(s_{t,
 layer computes weight * expert(x) and the block's residual adds x_t. There is no auxiliary loss
 and no balancing hyper-parameter: balance is a constraint, not a penalty.
 
+Auxiliary losses: the router z-loss on the affinities s [T, E] (`z_loss_weight`, default 0, not in
+the paper), as for every router with logits. No balance-loss option: training routing is balanced
+by construction, so in the Switch loss N * sum_i f_i P_i every f_i is 1/E (up to the T mod E extra
+tokens) and the loss is the constant sum_i P_i = 1, which trains nothing.
+
 Solvers (`solver`): "exact" solves the assignment with scipy's linear_sum_assignment on the
 [T, T] matrix whose columns repeat each expert once per token it takes (O(T^3), on the CPU);
 "auction" runs a vectorised auction algorithm (Bertsekas, with epsilon scaling) on the scores'
@@ -48,7 +53,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from hyperrouter.routers.base import Router, Routing, RoutingContext, check_option, register_router
-from hyperrouter.routers.losses import at_least_fp32
+from hyperrouter.routers.losses import at_least_fp32, router_z_loss
 
 SOLVERS = ("auto", "exact", "auction")
 AUCTION_EPS_FINAL = 1e-3  # final epsilon of the auction, relative to the score range
@@ -191,6 +196,7 @@ class BaseLayerRouter(Router):
         solver: str = "auto",
         exact_max_tokens: int = 512,
         init_gain: float = 0.1,
+        z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__(d_model, num_experts)
         check_option("solver", solver, solver in SOLVERS, f"one of {', '.join(SOLVERS)}")
@@ -210,7 +216,16 @@ class BaseLayerRouter(Router):
             and init_gain > 0,
             "a number > 0",
         )
+        check_option(
+            "z_loss_weight",
+            z_loss_weight,
+            isinstance(z_loss_weight, (int, float))
+            and not isinstance(z_loss_weight, bool)
+            and z_loss_weight >= 0,
+            "a number >= 0",
+        )
         self.solver = solver
+        self.z_loss_weight = float(z_loss_weight)
         self.exact_max_tokens = exact_max_tokens
         self.centroids = nn.Parameter(
             nn.init.orthogonal_(torch.empty(num_experts, d_model), init_gain)
@@ -234,7 +249,10 @@ class BaseLayerRouter(Router):
         else:
             ids_TK = torch.topk(scores_TE.detach(), ctx.top_k, dim=-1).indices
         weights_TK = torch.sigmoid(scores_TE.gather(1, ids_TK))
-        return Routing(ids_TK, weights_TK, scores_TE, keep=keep_TK)
+        losses: dict[str, Tensor] = {}
+        if self.z_loss_weight > 0 and x_TD.shape[0] > 0:
+            losses["z_loss"] = self.z_loss_weight * router_z_loss(scores_TE)
+        return Routing(ids_TK, weights_TK, scores_TE, losses, keep=keep_TK)
 
     def extra_repr(self) -> str:
         limit = self.exact_max_tokens

@@ -27,7 +27,14 @@ of this project's 400k-step Table 1 runs; set it to ~10% of `train.steps` for ot
 ids, as the paper does; the model's token ids must then reach the layer), `distill_dim` (50, as
 the reference code), `balance_loss_weight` alpha (0.3), `distill_loss_weight` beta (1: the paper
 adds L_dis unweighted), `init_gain` (0.1: orthogonal init of both centroid sets, as the
-reference code).
+reference code), `z_loss_weight` (0: the router z-loss, not in the paper).
+
+Auxiliary losses: L_bal and L_dis in stage-1 training only. The router z-loss mean_t
+logsumexp_i(s_{t,i})^2 (`z_loss_weight`) applies in both stages, in training and evaluation like
+every router's z-loss, to the backbone scores s: they are the logits that keep training (through
+the gate sigmoid(s) in stage 2 too), whereas the stage-2 routing logits (`Routing.logits`, the
+frozen distilled router's) get no gradient. No Switch balance-loss option: L_bal is the paper's
+balance loss (`balance_loss_weight`), and stage-2 routing is frozen, so no loss can balance it.
 
 The stage follows `ctx.step` when the trainer gives it; otherwise (evaluation, or a loop without
 the trainer) it is the persistent buffer `stage` (1 or 2), set by `optimizer_step(load, step)`
@@ -69,7 +76,7 @@ from torch.nn import functional as F
 
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.routers.base import Router, Routing, RoutingContext, check_option, register_router
-from hyperrouter.routers.losses import at_least_fp32
+from hyperrouter.routers.losses import at_least_fp32, router_z_loss
 
 
 def _is_int(value: object) -> bool:
@@ -95,6 +102,7 @@ class StableMoERouter(Router):
         balance_loss_weight: float = 0.3,
         distill_loss_weight: float = 1.0,
         init_gain: float = 0.1,
+        z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__(d_model, num_experts)
         check_option(
@@ -112,6 +120,7 @@ class StableMoERouter(Router):
         for name, value in (
             ("balance_loss_weight", balance_loss_weight),
             ("distill_loss_weight", distill_loss_weight),
+            ("z_loss_weight", z_loss_weight),
         ):
             check_option(name, value, _is_number(value) and value >= 0, "a number >= 0")
         check_option(
@@ -121,6 +130,7 @@ class StableMoERouter(Router):
         self.vocab_size = vocab_size
         self.balance_loss_weight = float(balance_loss_weight)
         self.distill_loss_weight = float(distill_loss_weight)
+        self.z_loss_weight = float(z_loss_weight)
         self.centroids = nn.Parameter(
             nn.init.orthogonal_(torch.empty(num_experts, d_model), init_gain)
         )
@@ -214,6 +224,8 @@ class StableMoERouter(Router):
                 losses["distill_loss"] = self.distill_loss_weight * F.cross_entropy(
                     student_TE, target_T
                 )
+        if self.z_loss_weight > 0 and x_TD.shape[0] > 0:
+            losses["z_loss"] = self.z_loss_weight * router_z_loss(scores_TE)
         return Routing(ids_TK, weights_TK, logits_TE, losses)
 
     def _balance_loss(self, sigmoid_TK: Tensor, ids_TK: Tensor) -> Tensor:
