@@ -30,7 +30,8 @@ router. "uniform" uses 1/k for every chosen expert (REINFORCE only, at any k).
 
 Options (defaults): policy_weight 1.0, value_weight 1.0, entropy_weight 0.01 (our choice; Clark
 et al.'s weights are not known here), combine "policy", bias True and init_std 0.02 (the same
-Linear gate as `smoe`).
+Linear gate as `smoe`), balance_loss_weight 0 and z_loss_weight 0 (the Switch balance loss on
+the sampled experts and the router z-loss, shared with every logit router; off by default).
 
 Differences from the paper / reference code, and why:
 - Clark et al.'s exact reward, baseline, balancing terms and combine weight are not known here
@@ -40,8 +41,8 @@ Differences from the paper / reference code, and why:
   (entropy_weight >= 0 always rewards entropy).
 - The reward of a token is its own task loss, shared by all k of its experts and by every MoE
   layer of the model; there is no per-layer credit assignment and no discount.
-- There is no load-balancing term: the entropy bonus is the only pressure against collapse (add
-  one through a capacity limit if needed).
+- No load-balancing term by default: the entropy bonus is the only pressure against collapse
+  (balance_loss_weight adds the Switch loss, a capacity limit caps the load).
 - Sampling uses torch's global generator (fixed by torch.manual_seed), not a per-layer seed.
 - Router math runs in fp32 whatever the model dtype.
 """
@@ -61,7 +62,7 @@ from hyperrouter.routers.base import (
     init_linear_,
     register_router,
 )
-from hyperrouter.routers.losses import at_least_fp32
+from hyperrouter.routers.losses import at_least_fp32, router_z_loss, switch_balance_loss
 
 COMBINE_RULES = ("policy", "uniform")
 
@@ -93,6 +94,8 @@ class ReinforceRouter(Router):
         value_weight: float = 1.0,
         entropy_weight: float = 0.01,
         combine: str = "policy",
+        balance_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
         bias: bool = True,
         init_std: float = 0.02,
     ) -> None:
@@ -101,6 +104,8 @@ class ReinforceRouter(Router):
             ("policy_weight", policy_weight),
             ("value_weight", value_weight),
             ("entropy_weight", entropy_weight),
+            ("balance_loss_weight", balance_loss_weight),
+            ("z_loss_weight", z_loss_weight),
         ):
             check_option(name, value, _is_number(value) and value >= 0, "a number >= 0")
         check_option(
@@ -110,6 +115,8 @@ class ReinforceRouter(Router):
         self.policy_weight = float(policy_weight)
         self.value_weight = float(value_weight)
         self.entropy_weight = float(entropy_weight)
+        self.balance_loss_weight = float(balance_loss_weight)
+        self.z_loss_weight = float(z_loss_weight)
         self.combine = combine
         self.gate = nn.Linear(d_model, num_experts, bias=bool(bias))
         init_linear_(self.gate, init_std)
@@ -151,7 +158,12 @@ class ReinforceRouter(Router):
             weights_TK = torch.ones_like(ids_TK, dtype=logits_TE.dtype)
         else:
             weights_TK = torch.softmax(logits_TE.gather(1, ids_TK), dim=-1)
-        routing = Routing(ids_TK, weights_TK, logits_TE, log_probs=log_probs_TK)
+        aux: dict[str, Tensor] = {}
+        if num_tokens > 0 and self.balance_loss_weight > 0:
+            aux["balance_loss"] = self.balance_loss_weight * switch_balance_loss(logits_TE, ids_TK)
+        if num_tokens > 0 and self.z_loss_weight > 0:
+            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits_TE)
+        routing = Routing(ids_TK, weights_TK, logits_TE, aux, log_probs=log_probs_TK)
         if ctx.training:
             baseline_T = self._linear(self.baseline, x32_TD.detach()).squeeze(-1)
             self._pending = (routing, baseline_T)

@@ -17,13 +17,15 @@ The temperature tau (1 in Megatron) trades exactness for speed: as tau -> 0 the 
 BASE's exact balanced assignment (equal counts), at the cost of more iterations.
 The combine weights come from the router's own scores at those experts: sigmoid(l) at k = 1 and
 softmax(l) over all E, gathered, at k > 1 (`renormalize` divides those by their sum). In
-evaluation the experts are the plain top k of l, with the same weights. There is no auxiliary
-loss: balance comes from the assignment.
+evaluation the experts are the plain top k of l, with the same weights. There is no balance
+loss: balance comes from the assignment (the optional router z-loss, off by default, only keeps
+the logits small).
 
 Options (defaults): tol 1e-4 and max_iters 100 (Megatron's tolerance; see below; logits spread
 like N(0, 1) converge in ~5-30 iterations), temperature 1.0 (Megatron), bias False and
 init_std 0.02 (Linear(d_model, E) without bias, as Megatron's router, initialised like the rest
-of the model), renormalize False.
+of the model), renormalize False, z_loss_weight 0 (ST-MoE's router z-loss, shared with every
+logit router).
 
 Differences from the paper / reference code, and why:
 - Clark et al.'s own S-BASE code is not public; this follows Megatron-Core's
@@ -60,7 +62,7 @@ from hyperrouter.routers.base import (
     init_linear_,
     register_router,
 )
-from hyperrouter.routers.losses import at_least_fp32
+from hyperrouter.routers.losses import at_least_fp32, router_z_loss
 
 
 @torch.no_grad()
@@ -115,6 +117,7 @@ class SBaseRouter(Router):
         max_iters: int = 100,
         temperature: float = 1.0,
         renormalize: bool = False,
+        z_loss_weight: float = 0.0,
         bias: bool = False,
         init_std: float = 0.02,
     ) -> None:
@@ -140,6 +143,14 @@ class SBaseRouter(Router):
             "a number > 0",
         )
         check_option(
+            "z_loss_weight",
+            z_loss_weight,
+            isinstance(z_loss_weight, (int, float))
+            and not isinstance(z_loss_weight, bool)
+            and z_loss_weight >= 0,
+            "a number >= 0",
+        )
+        check_option(
             "init_std",
             init_std,
             isinstance(init_std, (int, float)) and not isinstance(init_std, bool) and init_std > 0,
@@ -149,6 +160,7 @@ class SBaseRouter(Router):
         self.max_iters = max_iters
         self.temperature = float(temperature)
         self.renormalize = bool(renormalize)
+        self.z_loss_weight = float(z_loss_weight)
         self.gate = nn.Linear(d_model, num_experts, bias=bool(bias))
         init_linear_(self.gate, init_std)
         self.last_sinkhorn: tuple[int, float] | None = None  # (iterations, error) of the last call
@@ -176,7 +188,10 @@ class SBaseRouter(Router):
             weights_TK = torch.softmax(logits_TE, dim=-1).gather(1, ids_TK)
             if self.renormalize:
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        return Routing(ids_TK, weights_TK, logits_TE)
+        aux = {}
+        if self.z_loss_weight > 0 and logits_TE.shape[0] > 0:
+            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits_TE)
+        return Routing(ids_TK, weights_TK, logits_TE, aux)
 
     def extra_repr(self) -> str:
         return (
