@@ -20,9 +20,6 @@ NO_BALANCE = {"base", "dense", "expert_choice", "sbase"}
 FIRST_SLOT_BALANCE = {"gshard"}
 # A balance loss of the router's own (StableMoE's L_bal), tested in test_routers_v2_more.py.
 OWN_BALANCE = {"stablemoe"}
-# Routers with logits that do not offer the z-loss (and balance loss) yet: issue 12 asks for them.
-# strict xfail: adding the options makes these tests pass, and then this entry must go.
-MISSING = {"rlr": "balance_loss_weight, z_loss_weight", "sbase": "z_loss_weight"}
 
 
 def z_options(name: str, weight: float) -> dict:
@@ -47,19 +44,7 @@ def logit_routers() -> list[str]:
 LOGIT_ROUTERS = logit_routers()
 
 
-def with_missing(names) -> list:
-    """Parameters, the routers in MISSING marked as expected (strict) failures."""
-    return [
-        pytest.param(
-            n, marks=pytest.mark.xfail(strict=True, reason=f"issue 12: {n} lacks {MISSING[n]}")
-        )
-        if n in MISSING
-        else n
-        for n in names
-    ]
-
-
-@pytest.mark.parametrize("name", with_missing(LOGIT_ROUTERS))
+@pytest.mark.parametrize("name", LOGIT_ROUTERS)
 def test_every_router_with_logits_offers_the_z_loss_and_a_balance_loss_where_it_can_act(
     name: str,
 ) -> None:
@@ -73,7 +58,7 @@ def test_every_router_with_logits_offers_the_z_loss_and_a_balance_loss_where_it_
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", with_missing(LOGIT_ROUTERS))
+@pytest.mark.parametrize("name", LOGIT_ROUTERS)
 def test_z_loss_is_in_the_layer_aux_losses_with_its_value(name: str, training: bool) -> None:
     assert "z_loss" not in run(name, training)[2].aux_losses  # off by default
     _, _, out = run(name, training, **z_options(name, W))
@@ -82,9 +67,7 @@ def test_z_loss_is_in_the_layer_aux_losses_with_its_value(name: str, training: b
     assert out.aux_losses["z_loss"].requires_grad
 
 
-@pytest.mark.parametrize(
-    "name", with_missing(sorted(set(LOGIT_ROUTERS) - NO_BALANCE - OWN_BALANCE))
-)
+@pytest.mark.parametrize("name", sorted(set(LOGIT_ROUTERS) - NO_BALANCE - OWN_BALANCE))
 def test_balance_loss_is_in_the_layer_aux_losses_with_its_value(name: str) -> None:
     _, _, out = run(name, True, balance_loss_weight=W)
     ids = out.routing.expert_ids
