@@ -283,6 +283,22 @@ def test_rlr_baseline_regresses_toward_the_mean_loss() -> None:
     assert gaps[0] > 1.5 and gaps[-1] < 0.05
 
 
+def test_rlr_batch_baselines_centre_the_advantage_from_the_first_call() -> None:
+    torch.manual_seed(0)
+    loss = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    x = torch.randn(4, D)
+    loo = torch.tensor([11 / 3, 10 / 3, 3.0, 2.0])  # mean of the other three losses
+    for kind in ("batch_mean", "both"):
+        router = build_router("rlr", D, E, baseline=kind)
+        routing = router(x, train_ctx(1))
+        learned = router._pending[1].detach()
+        baseline = router.baseline_values(learned, loss)
+        want = loo if kind == "batch_mean" else loo + learned
+        torch.testing.assert_close(baseline, want)
+        terms = router.token_loss_terms(routing, loss)
+        assert ("baseline_loss" in terms) == (kind == "both")
+
+
 def test_rlr_eval_is_greedy_and_deterministic() -> None:
     router = policy_router([0.1, 0.6, 0.3])
     with torch.no_grad():

@@ -23,15 +23,28 @@ so descending policy_loss is REINFORCE on E[l] (makes experts that did worse tha
 less likely), the baseline regresses toward the expected loss, and the entropy bonus keeps the
 policy from collapsing early. In evaluation the experts are the greedy top k of pi.
 
+Baseline (`baseline`): "learned" (default) is the Linear above, starting near 0: with Adam at a
+small learning rate it needs many steps to reach an LM loss of a few nats, and until then the
+advantage is about the loss itself (unbiased, but noisy). "both" adds the leave-one-out mean
+loss of the call's other tokens, m_t = (sum_s l_s - l_t) / (T - 1), to the learned prediction
+(b_t = m_t + v . sg(x_t) + v_0; the Linear then learns the per-token residual), which centres the
+advantage from the first step; m_t leaves out l_t, so it adds no bias through token t's own
+loss (only through attention, where t's choice reaches later tokens' losses, an O(1/T) effect).
+"batch_mean" uses m_t alone (no baseline_loss).
+
 Combine weights (`combine`): "policy" (default) uses pi renormalised over the chosen experts,
 pi(e_j) / sum_i pi(e_i), which is exactly 1 at k = 1, so at the paper's top-1 the router learns
 only through REINFORCE; at k > 1 the renormalised weights also pass the task gradient to the
 router. "uniform" uses 1/k for every chosen expert (REINFORCE only, at any k).
 
 Options (defaults): policy_weight 1.0, value_weight 1.0, entropy_weight 0.01 (our choice; Clark
-et al.'s weights are not known here), combine "policy", bias True and init_std 0.02 (the same
-Linear gate as `smoe`), balance_loss_weight 0 and z_loss_weight 0 (the Switch balance loss on
-the sampled experts and the router z-loss, shared with every logit router; off by default).
+et al.'s weights are not known here), combine "policy", baseline "learned", bias True and
+init_std 0.02 (the same Linear gate as `smoe`), balance_loss_weight 0 and z_loss_weight 0 (the
+Switch balance loss on the sampled experts and the router z-loss, shared with every logit
+router; off by default).
+
+At k = E every expert is chosen whatever the draw, so the policy term only adds zero-mean noise
+(the reward does not depend on the order of the draws); RL-R is meant for k << E.
 
 Differences from the paper / reference code, and why:
 - Clark et al.'s exact reward, baseline, balancing terms and combine weight are not known here
@@ -40,7 +53,8 @@ Differences from the paper / reference code, and why:
   squared-error baseline loss where SMEAR uses a Huber loss, and the entropy as a bonus
   (entropy_weight >= 0 always rewards entropy).
 - The reward of a token is its own task loss, shared by all k of its experts and by every MoE
-  layer of the model; there is no per-layer credit assignment and no discount.
+  layer of the model; there is no per-layer credit assignment, no discount, and no credit for
+  the effect of a token's choice on later tokens' losses (through attention).
 - No load-balancing term by default: the entropy bonus is the only pressure against collapse
   (balance_loss_weight adds the Switch loss, a capacity limit caps the load).
 - Sampling uses torch's global generator (fixed by torch.manual_seed), not a per-layer seed.
@@ -65,6 +79,7 @@ from hyperrouter.routers.base import (
 from hyperrouter.routers.losses import at_least_fp32, router_z_loss, switch_balance_loss
 
 COMBINE_RULES = ("policy", "uniform")
+BASELINES = ("learned", "both", "batch_mean")
 
 
 def _is_number(value: object) -> bool:
@@ -94,6 +109,7 @@ class ReinforceRouter(Router):
         value_weight: float = 1.0,
         entropy_weight: float = 0.01,
         combine: str = "policy",
+        baseline: str = "learned",
         balance_loss_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         bias: bool = True,
@@ -111,6 +127,7 @@ class ReinforceRouter(Router):
         check_option(
             "combine", combine, combine in COMBINE_RULES, f"one of {', '.join(COMBINE_RULES)}"
         )
+        check_option("baseline", baseline, baseline in BASELINES, f"one of {', '.join(BASELINES)}")
         check_option("init_std", init_std, _is_number(init_std) and init_std > 0, "a number > 0")
         self.policy_weight = float(policy_weight)
         self.value_weight = float(value_weight)
@@ -118,6 +135,7 @@ class ReinforceRouter(Router):
         self.balance_loss_weight = float(balance_loss_weight)
         self.z_loss_weight = float(z_loss_weight)
         self.combine = combine
+        self.baseline_kind = baseline
         self.gate = nn.Linear(d_model, num_experts, bias=bool(bias))
         init_linear_(self.gate, init_std)
         self.baseline = nn.Linear(d_model, 1)
@@ -176,28 +194,40 @@ class ReinforceRouter(Router):
             raise HyperRouterError(
                 "rlr token_loss_terms needs the routing of this router's last training forward"
             )
-        baseline_T = pending[1]
-        loss_T = token_loss_T.detach().to(baseline_T.dtype)
-        if loss_T.shape != baseline_T.shape:
+        learned_T = pending[1]
+        loss_T = token_loss_T.detach().to(learned_T.dtype)
+        if loss_T.shape != learned_T.shape:
             raise HyperRouterError(
-                f"token_loss must have one loss per routed token ({baseline_T.shape[0]}), "
+                f"token_loss must have one loss per routed token ({learned_T.shape[0]}), "
                 f"got shape {tuple(loss_T.shape)}"
             )
         count = max(loss_T.numel(), 1)
+        baseline_T = self.baseline_values(learned_T, loss_T)
         advantage_T = (loss_T - baseline_T).detach()
         policy = (routing.log_probs.sum(-1) * advantage_T).sum() / count
-        value = (baseline_T - loss_T).square().sum() / count
         log_pi_TE = torch.log_softmax(routing.logits, dim=-1)
         entropy = -(log_pi_TE.exp() * log_pi_TE).sum() / count
-        return {
-            "policy_loss": self.policy_weight * policy,
-            "baseline_loss": self.value_weight * value,
-            "entropy_bonus": -self.entropy_weight * entropy,
-        }
+        terms = {"policy_loss": self.policy_weight * policy}
+        if self.baseline_kind != "batch_mean":
+            value = (baseline_T - loss_T).square().sum() / count
+            terms["baseline_loss"] = self.value_weight * value
+        terms["entropy_bonus"] = -self.entropy_weight * entropy
+        return terms
+
+    def baseline_values(self, learned_T: Tensor, loss_T: Tensor) -> Tensor:
+        """b_t under the `baseline` option from the learned prediction and the call's losses."""
+        if self.baseline_kind == "learned":
+            return learned_T
+        num_tokens = loss_T.numel()
+        if num_tokens > 1:
+            others_T = (loss_T.sum() - loss_T) / (num_tokens - 1)  # leave-one-out mean
+        else:
+            others_T = torch.zeros_like(loss_T)
+        return others_T if self.baseline_kind == "batch_mean" else others_T + learned_T
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, policy_weight={self.policy_weight}, "
             f"value_weight={self.value_weight}, entropy_weight={self.entropy_weight}, "
-            f"combine={self.combine}"
+            f"combine={self.combine}, baseline={self.baseline_kind}"
         )
