@@ -50,7 +50,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     layer.add_argument(
         "--quick",
         action="store_true",
-        help="2048 tokens, 3 repeats, no forced backends: under a minute on 2 CPU cores",
+        help="2048 tokens, 3 repeats, no forced backends: about 35 s on 2 idle CPU cores "
+        "(60 s with transformers' peers; several times longer on a busy machine)",
     )
     layer.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     layer.add_argument("--device", help="cpu or cuda (default: cuda when available)")
