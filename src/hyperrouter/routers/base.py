@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.routers.losses import at_least_fp32, router_z_loss, switch_balance_loss
@@ -78,6 +79,15 @@ def topk_softmax(logits_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """
     values_TK, ids_TK = torch.topk(at_least_fp32(logits_TE), top_k, dim=-1, sorted=False)
     return ids_TK, torch.softmax(values_TK, dim=-1)
+
+
+def fp32_linear(layer: nn.Linear, x_TD: Tensor) -> Tensor:
+    """layer(x) computed in fp32 (fp64 for fp64 inputs) even under autocast: router scores in
+    full precision whatever the model's dtype (the Switch paper's selective precision)."""
+    dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return F.linear(x_TD.to(dtype), layer.weight.to(dtype), bias)
 
 
 def select_experts(

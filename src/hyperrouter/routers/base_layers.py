@@ -47,6 +47,8 @@ deterministic (argmax), so train and test routing differ by design, as in the pa
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -85,6 +87,7 @@ def auction_assignment(
     scores_TE: Tensor,
     caps_E: Tensor,
     eps_final: float = AUCTION_EPS_FINAL,
+    score_range: float | None = None,
     max_iters: int = AUCTION_MAX_ITERS,
 ) -> Tensor:
     """[T] expert of each token, exactly caps_E[e] tokens per expert, total score within
@@ -103,7 +106,9 @@ def auction_assignment(
     scores = scores_TE.detach().double()[:, open_experts]
     caps = caps[open_experts]
     n_open = open_experts.numel()
-    score_range = float(scores.max() - scores.min()) or 1.0
+    if score_range is None:
+        score_range = float(scores.max() - scores.min())
+    score_range = score_range or 1.0
     eps = score_range / 2
     eps_final = eps_final * score_range
     prices = scores.new_zeros(n_open)
@@ -165,8 +170,13 @@ def balanced_assignment(
     round's `balanced_capacities`, maximising the round's total score.
     """
     num_tokens, num_experts = scores_TE.shape
-    solve = exact_assignment if solver == "exact" else auction_assignment
     scores = scores_TE.detach().double()
+    # the auction's epsilon follows the range of the real scores, not of the penalised ones
+    real_range = float(scores.max() - scores.min()) if scores.numel() else 0.0
+    if solver == "exact":
+        solve = exact_assignment
+    else:
+        solve = functools.partial(auction_assignment, score_range=real_range)
     # larger than any total score gain, so a round gives a token an expert it already has only
     # when no balanced round avoids it
     penalty = (float(scores.max() - scores.min()) + 1.0) * (num_tokens + 1)

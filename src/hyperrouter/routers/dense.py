@@ -69,6 +69,12 @@ class DenseRouter(Router):
             raise HyperRouterError(
                 f"router 'dense' needs a base router with logits; {base!r} has none"
             )
+        if self.base is not None and self.base.balance_loss_weight > 0:
+            raise HyperRouterError(
+                f"router 'dense' with base {base!r}: its default balance_loss_weight "
+                f"{self.base.balance_loss_weight} is constant when every token uses every expert; "
+                f"set base_options.balance_loss_weight=0"
+            )
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         if self.base is None:

@@ -12,6 +12,7 @@ from hyperrouter.routers.base import (
     Routing,
     RoutingContext,
     check_option,
+    fp32_linear,
     init_linear_,
     register_router,
 )
@@ -95,7 +96,7 @@ class ExpertChoiceRouter(LogitRouter):
         init_linear_(self.gate, init_std)
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
-        return self.gate(x_TD)
+        return fp32_linear(self.gate, x_TD)
 
     def capacity(self, num_tokens: int, top_k: int) -> int:
         """C for a call of T tokens at k = top_k."""

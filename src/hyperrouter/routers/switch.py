@@ -18,6 +18,7 @@ from hyperrouter.routers.base import (
     Routing,
     RoutingContext,
     check_option,
+    fp32_linear,
     init_linear_,
     register_router,
     select_experts,
@@ -71,7 +72,7 @@ class _CapacityRouter(LogitRouter):
         init_linear_(self.gate, init_std)
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
-        return self.gate(x_TD)
+        return fp32_linear(self.gate, x_TD)
 
     def router_logits(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         """Logits [T, E] in fp32; in training, the input is first multiplied by U(1-eps, 1+eps)."""

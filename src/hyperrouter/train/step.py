@@ -100,6 +100,7 @@ def training_step(
     optimizer.step()
     for layer in layers:
         layer.optimizer_step(step)
+        layer.step = None  # outside a training step routers see no step (evaluation)
     return StepResult(
         loss=loss_sum / n,
         aux_losses={name: float(value) / n for name, value in aux_sums.items()},
