@@ -7,11 +7,14 @@ against a ReLU floor, and SwiGLU experts without biases against a SwiGLU floor a
 transformers' Mixtral sparse block (eager and grouped_mm experts) with copied weights,
 whose outputs are checked against ours. All implementations of one (k, mode) are timed round-robin
 so that machine noise hits them alike; we report medians.
+
+Our layer is `hyperrouter.MoE` with the trainable linear `smoe` router (the only router whose gate
+a Mixtral block can share), labelled `ours` in the records (`ours:<backend>` for a forced expert
+backend): routing costs the same for every router, the experts are what is timed.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -23,7 +26,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from hyperrouter.errors import HyperRouterError
 from hyperrouter.moe import MoE
+from hyperrouter.train.config import check_top_ks
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
 # batched_mm is left out: it gathers one weight matrix per (token, slot) pair, 17 GB at 8192
@@ -48,7 +53,7 @@ class BenchRecord:
     ratio_vs_dense: float | None = None
     expert: str = "relu"
     repeats: int = 0
-    max_rel_diff_vs_hyperrouter: float | None = None
+    max_rel_diff_vs_ours: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -129,13 +134,11 @@ def _contenders(
     floor = dense_floor(expert, d_model, top_k * d_hidden)
     out = [
         _Contender("dense", expert, floor, floor),
-        _Contender("hyperrouter", expert, layer, layer),
+        _Contender("ours", expert, layer, layer),
     ]
     for backend in backends:
         out.append(
-            _Contender(
-                f"hyperrouter:{backend}", expert, layer, lambda x, b=backend: layer(x, backend=b)
-            )
+            _Contender(f"ours:{backend}", expert, layer, lambda x, b=backend: layer(x, backend=b))
         )
     if peers and expert == "swiglu":
         for implementation in HF_EXPERT_IMPLEMENTATIONS:
@@ -195,10 +198,14 @@ def run_layer_bench(
         if dtype
         else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     )
+    check_top_ks(ks, num_experts, "--top-k values")
+    for name, value in (("--tokens", tokens), ("--repeats", repeats)):
+        if value is not None and value < 1:
+            raise HyperRouterError(f"{name} must be >= 1, got {value}")
     tokens = tokens or (2048 if quick else 8192)
     repeats = repeats or (3 if quick else 7)
     backends = () if quick else ("grouped", "dense", "reference")
-    jobs = [(e, k, m) for e in experts for k in ks if k <= num_experts for m in modes]
+    jobs = [(e, k, m) for e in experts for k in ks for m in modes]
     bar = _progress(len(jobs), progress)
     records: list[BenchRecord] = []
     for expert, k, mode in jobs:
@@ -238,7 +245,7 @@ def run_layer_bench(
                     ratio_vs_dense=round(median / floor_ms, 3),
                     expert=expert,
                     repeats=len(ts),
-                    max_rel_diff_vs_hyperrouter=diffs.get(c.impl),
+                    max_rel_diff_vs_ours=diffs.get(c.impl),
                 )
             )
         bar.update(1)
@@ -249,16 +256,16 @@ def run_layer_bench(
 def _worth_timing(impl: str, top_k: int, num_experts: int) -> bool:
     """Forced backends only where they are not pathological: the reference loop is slow at large k
     and the dense path computes every expert (E/k times the work, and gigabytes of buffers)."""
-    if impl == "hyperrouter:reference":
+    if impl == "ours:reference":
         return top_k <= 4
-    if impl == "hyperrouter:dense":
+    if impl == "ours:dense":
         return 2 * top_k >= num_experts
     return True
 
 
 def _check_against_ours(contenders: list[_Contender], x: Tensor) -> dict[str, float]:
-    """Relative difference of every sparse contender's output from hyperrouter's (same weights)."""
-    ours = next(c for c in contenders if c.impl == "hyperrouter")
+    """Relative difference of every sparse contender's output from ours (same weights)."""
+    ours = next(c for c in contenders if c.impl == "ours")
     with torch.inference_mode():
         ref = ours.call(x).float()
         out = {}
@@ -302,4 +309,6 @@ def machine_description() -> str:
 
 
 def write_json(records: list[BenchRecord], path: str | Path) -> None:
-    Path(path).write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
+    from hyperrouter.train.checkpoint import write_json_atomic
+
+    write_json_atomic(Path(path), [asdict(r) for r in records])
