@@ -6,7 +6,9 @@ Bad input ends with one line on stderr and a non-zero exit (2); `--debug` shows 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,7 +30,41 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one comma-separated value")
+    return values
+
+
+def check_writable(path: str | os.PathLike, flag: str, *, folder: bool) -> None:
+    """Fail before any work is done when `path` cannot be written: the output of `flag` is a
+    folder (`folder`) or a file, created with its missing parent folders."""
+    p = Path(path)
+    if p.exists():
+        if folder and not p.is_dir():
+            raise HyperRouterError(f"{flag} {path}: is a file, not a folder")
+        if not folder and p.is_dir():
+            raise HyperRouterError(f"{flag} {path}: is a folder, not a file")
+    existing = p if folder else p.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HyperRouterError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:  # an unnamed temporary file: works for root, read-only mounts and /proc alike
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        cause = err.strerror or type(err).__name__
+        raise HyperRouterError(f"{flag} {path}: cannot write in {existing} ({cause})") from None
+
+
+def _os_error_message(err: OSError) -> str:
+    """`path: cause` for an operating-system error on a file (e.g. `runs/x: Permission denied`)."""
+    cause = err.strerror or str(err)
+    if err.filename is None:
+        return cause
+    paths = str(err.filename) + (f" -> {err.filename2}" if err.filename2 else "")
+    return f"{paths}: {cause}"
 
 
 # --------------------------------------------------------------------------- bench
@@ -95,6 +131,8 @@ def _bench_layer(args: argparse.Namespace) -> int:
         raise HyperRouterError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.dtype and args.dtype not in ("float32", "bfloat16", "float16"):
         raise HyperRouterError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.json:
+        check_writable(args.json, "--json", folder=False)
     if args.device == "cuda":
         import torch
 
@@ -151,14 +189,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.steps=500 (repeatable)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its own config (config.json). --config, --set and "
+        "--data may be repeated to check them: --set/--data alone are compared with the run's "
+        "values; --config is resolved as for a new run (with the run's data path unless --data "
+        "is given) and compared key by key. Any difference is an error naming the keys.",
+    )
     p.add_argument("--list-configs", action="store_true", help="list presets and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hyperrouter.train.config import list_presets, load_config
+    from hyperrouter.train.checkpoint import read_json
+    from hyperrouter.train.config import list_presets, load_config, resume_config
     from hyperrouter.train.trainer import train_run
 
     if args.list_configs:
@@ -166,12 +212,15 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
-    config = None
-    if not args.resume or args.config or overrides:
-        config = load_config(args.config, overrides)
     if args.resume and not args.out:
         raise HyperRouterError("--resume needs --out RUN_DIR (the run to continue)")
+    config = None
+    if not args.resume:
+        config = load_config(args.config, overrides)
+    elif (args.config or overrides) and Path(args.out, "config.json").is_file():
+        config = resume_config(read_json(Path(args.out, "config.json")), args.config, overrides)
     out = args.out or _fresh_dir(f"runs/{config.name}")
+    check_writable(out, "--out", folder=True)
     results = train_run(config, out, resume=args.resume, progress=not args.no_progress)
     print(_results_table(results))
     print(f"results: {out}/results.json")
@@ -220,21 +269,27 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="which checkpoint of a run folder (default best_all_experts)",
     )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
+    from hyperrouter.train.checkpoint import write_json_atomic
     from hyperrouter.train.evaluate import evaluate_checkpoint
 
+    if args.json:
+        check_writable(args.json, "--json", folder=False)
     results = evaluate_checkpoint(
-        args.path, top_ks=args.top_k, split=args.split, data=args.data, which=args.checkpoint
+        args.path,
+        top_ks=args.top_k,
+        split=args.split,
+        data=args.data,
+        which=args.checkpoint,
+        progress=not args.no_progress,
     )
     print(_results_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json_atomic(Path(args.json), results)
     return 0
 
 
@@ -283,6 +338,7 @@ def _finetune(args: argparse.Namespace) -> int:
         overrides.append(f"data={args.data}")
     config = load_finetune_config(args.config or f"{args.task or 'sst2'}-cpu", overrides)
     out = args.out or _fresh_dir(f"runs/finetune-{config.task}")
+    check_writable(out, "--out", folder=True)
     results = finetune_run(config, out, init=args.init, progress=not args.no_progress)
     print(f"{'k':>4}  {'accuracy':>8}  {'examples/s':>10}")
     for k, value in results["by_top_k"].items():
@@ -299,16 +355,19 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="train several routers under one budget; table, CSV, JSON and plots",
         description=(
-            "Train every method (hyperrouter, smoe_dropout, smoe, dense, dense_dropout) from one "
-            "base config with several seeds, evaluate each at every inference k, analyse the "
-            "routers, and write table.md, table.csv, summary.json and PNG plots into --out. "
-            "Re-running continues an interrupted sweep; finished runs are reused."
+            "Train several methods from one base config with several seeds, evaluate each at "
+            "every inference k, analyse the routers, and write table.md, table.csv, "
+            "summary.json and PNG plots into --out. Re-running continues an interrupted sweep; "
+            "finished runs are reused. Methods: the presets of configs/compare/methods.yaml "
+            "(hyperrouter, smoe_dropout, smoe, all_experts, dense_ffn, dense_ffn_dropout, "
+            "switch, gshard, ...) and every registered router name."
         ),
     )
     p.add_argument(
         "--methods",
-        default="hyperrouter,smoe_dropout,smoe,dense,dense_dropout",
-        help="comma-separated methods (default: all five)",
+        default="hyperrouter,smoe_dropout,smoe,dense_ffn,dense_ffn_dropout",
+        help="comma-separated methods (default: the paper's five: hyperrouter, smoe_dropout, "
+        "smoe, dense_ffn, dense_ffn_dropout)",
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     p.add_argument(
@@ -331,6 +390,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from hyperrouter.analysis.compare import run_compare
 
+    check_writable(args.out, "--out", folder=True)
     run_compare(
         args.out,
         args.methods,
@@ -367,6 +427,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
     if args.tokens < 1:
         raise HyperRouterError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.out:
+        check_writable(args.out, "--out", folder=True)
     result = analyze_run(args.path, data=args.data, max_tokens=args.tokens, out_dir=args.out)
     if not result["layers"]:
         print(result["note"])
@@ -405,6 +467,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _data_get(args: argparse.Namespace) -> int:
     from hyperrouter.data.download import get_dataset
 
+    check_writable(args.dir, "--dir", folder=True)
     path = get_dataset(args.name, args.dir, from_file=args.from_file, progress=sys.stderr.isatty())
     print(path)
     return 0
@@ -446,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"hyperrouter: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # a path the user gave cannot be read or written
+        if args.debug:
+            raise
+        print(f"hyperrouter: error: {_os_error_message(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("hyperrouter: interrupted", file=sys.stderr)

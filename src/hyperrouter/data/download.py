@@ -251,14 +251,14 @@ def get_dataset(
             f"{target} exists but is not a prepared {name} dataset; remove it or choose another "
             f"--dir"
         )
+    # a local input is checked before anything is created
+    inputs = _local_inputs(spec, Path(from_file).expanduser()) if from_file is not None else None
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise HyperRouterError(f"cannot create {root}: {err.strerror or err}") from None
     downloads = root / ".downloads" / spec.name
-    if from_file is not None:
-        inputs = _local_inputs(spec, Path(from_file).expanduser())
-    else:
+    if inputs is None:
         inputs = {f: _download(spec, f, downloads, root, progress, log, timeout) for f in spec.urls}
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{spec.name}."))
     try:

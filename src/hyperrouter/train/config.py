@@ -166,6 +166,15 @@ class RunConfig:
         return self
 
 
+def check_top_ks(ks, experts: int, name: str) -> None:
+    """Every list of k values is checked alike: not empty, each in [1, experts]."""
+    if not ks:
+        raise HyperRouterError(f"{name} must list at least one k")
+    bad = [k for k in ks if not 1 <= k <= experts]
+    if bad:
+        raise HyperRouterError(f"{name} must be in [1, {experts}] (experts per layer), got {bad}")
+
+
 # --------------------------------------------------------------------------- building from dicts
 
 
@@ -318,7 +327,8 @@ def load_raw(name_or_path: str, seen: tuple[str, ...] = (), kind: str = "train")
                 f"unknown preset {name_or_path!r}{_suggest(name_or_path, names)}"
             )
     elif not path.is_file():
-        raise HyperRouterError(f"config file {name_or_path} does not exist")
+        cause = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+        raise HyperRouterError(f"config file {name_or_path} {cause}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
