@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -167,8 +167,28 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best_all_experts")
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
-    """Load model.safetensors into `model` strictly, with one-line errors for bad files."""
+    """Load model.safetensors into `model` strictly, with one-line errors for bad files: a file
+    whose tensors disagree with the model (built from the checkpoint's config.json) is named with
+    the first tensors that disagree and both shapes."""
     path = folder / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as err:
+        raise HyperRouterError(f"{path} is truncated or corrupt ({err})") from None
+    except FileNotFoundError:
+        raise HyperRouterError(f"{path} does not exist") from None
+    wrong = [
+        f"{name} is {stored[name]} in the file but {list(tensor.shape)} in the model"
+        for name, tensor in model.state_dict().items()
+        if name in stored and stored[name] != list(tensor.shape)
+    ]
+    if wrong:
+        more = f" (and {len(wrong) - 2} more)" if len(wrong) > 2 else ""
+        raise HyperRouterError(
+            f"{path} does not match the model its config.json describes: "
+            f"{'; '.join(wrong[:2])}{more}"
+        )
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except SafetensorError as err:
