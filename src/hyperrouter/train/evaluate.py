@@ -18,7 +18,7 @@ from hyperrouter.data.vocab import Vocab
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.models.transformer_xl import TransformerXL
 from hyperrouter.train import checkpoint as ckpt
-from hyperrouter.train.config import RunConfig, config_from_dict
+from hyperrouter.train.config import RunConfig, check_top_ks, config_from_dict
 
 
 def metric_name(kind: str) -> str:
@@ -176,6 +176,7 @@ def evaluate_checkpoint(
     split: str = "test",
     data: str | None = None,
     which: str = "best_all_experts",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """`hyperrouter eval`: metric and tokens/s at each k; same layout as results.json."""
     run = load_trained(path, which)
@@ -184,13 +185,12 @@ def evaluate_checkpoint(
         ks = inference_ks(model, config)
     else:
         ks = list(top_ks)
-        limit = model.num_experts
-        bad = [k for k in ks if not 1 <= k <= limit]
-        if bad:
-            raise HyperRouterError(f"--top-k values must be in [1, {limit}] (experts), got {bad}")
+        check_top_ks(ks, model.num_experts if model.moe_layers() else 1, "--top-k values")
     corpus = load_matching_corpus(run, data)
     device = next(model.parameters()).device
-    by_k, speed = evaluate_at_ks(model, getattr(corpus, split), config, run.kind, ks, device)
+    by_k, speed = evaluate_at_ks(
+        model, getattr(corpus, split), config, run.kind, ks, device, progress=progress
+    )
     return {
         "metric": metric_name(run.kind),
         "split": split,
@@ -208,24 +208,37 @@ def evaluate_at_ks(
     ks: list[int],
     device: torch.device,
     on_result=None,
+    progress: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """BPC/perplexity and inference tokens/s of `model` on `data` at every k (keys are str(k)).
 
-    `on_result(k, EvalResult)` is called after each k (the trainer logs it)."""
+    `on_result(k, EvalResult)` is called after each k (the trainer logs it). `progress` shows a
+    bar over all k values and batches on stderr."""
+    from tqdm.auto import tqdm
+
+    batches = len(LMOrderedIterator(data, config.eval.batch_size, config.eval.tgt_len))
+    bar = tqdm(
+        total=len(ks) * batches, desc="evaluate", unit="batch", disable=not progress, leave=False
+    )
     by_k, speed = {}, {}
-    for k in ks:
-        result = evaluate(
-            model,
-            data,
-            batch_size=config.eval.batch_size,
-            tgt_len=config.eval.tgt_len,
-            mem_len=eval_mem_len(config),
-            top_k=k if model.moe_layers() else None,
-            device=device,
-            amp=config.train.amp,
-        )
-        by_k[str(k)] = metric_value(result.loss, kind)
-        speed[str(k)] = result.tokens_per_second
-        if on_result is not None:
-            on_result(k, result)
+    try:
+        for k in ks:
+            bar.set_postfix_str(f"k={k}")
+            result = evaluate(
+                model,
+                data,
+                batch_size=config.eval.batch_size,
+                tgt_len=config.eval.tgt_len,
+                mem_len=eval_mem_len(config),
+                top_k=k if model.moe_layers() else None,
+                device=device,
+                amp=config.train.amp,
+                on_batch=lambda _: bar.update(1),
+            )
+            by_k[str(k)] = metric_value(result.loss, kind)
+            speed[str(k)] = result.tokens_per_second
+            if on_result is not None:
+                on_result(k, result)
+    finally:
+        bar.close()
     return by_k, speed

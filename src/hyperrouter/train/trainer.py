@@ -301,13 +301,14 @@ class Run:
         ]
 
     def _validate(self, k: int | None, metric: str, bar) -> None:
+        """Validate at the training k and with all experts (once when k is all of them), keep
+        the best checkpoint of each, and print one line."""
         cfg = self.config
         kinds = {"best_train_k": k}
         if self.model.moe_layers():
             kinds["best_all_experts"] = self.model.num_experts
-        pointers = {}
-        for name, top_k in kinds.items():
-            result = evaluate(
+        results = {
+            top_k: evaluate(
                 self.model,
                 self.corpus.valid,
                 batch_size=cfg.eval.batch_size,
@@ -318,6 +319,11 @@ class Run:
                 max_batches=cfg.eval.max_valid_batches,
                 amp=cfg.train.amp,
             )
+            for top_k in dict.fromkeys(kinds.values())
+        }
+        pointers = {}
+        for name, top_k in kinds.items():
+            result = results[top_k]
             value = metric_value(result.loss, self.kind)
             self._metric(
                 {
@@ -332,9 +338,15 @@ class Run:
             if name not in self.best or result.loss < self.best[name]:
                 self.best[name] = result.loss
                 pointers[name] = True
-            bar.write(
-                f"step {self.step}: valid {metric} {value:.4f} at k={top_k if top_k else '-'}"
-            )
+        values = {top_k: metric_value(r.loss, self.kind) for top_k, r in results.items()}
+        if k is None:
+            line = f"{values[k]:.4f}"
+        else:
+            experts = self.model.num_experts
+            line = f"{values[experts]:.4f} at all {experts} experts"
+            if k != experts:
+                line = f"{values[k]:.4f} at k={k}, {line}"
+        bar.write(f"step {self.step}: valid {metric} {line}")
         if not self.model.moe_layers():
             pointers["best_all_experts"] = pointers.get("best_train_k", False)
         self._save(**{name: "" for name, better in pointers.items() if better})
@@ -355,7 +367,14 @@ class Run:
             )
 
         by_k, speed = evaluate_at_ks(
-            model, self.corpus.test, cfg, self.kind, ks, self.device, on_result=log_test
+            model,
+            self.corpus.test,
+            cfg,
+            self.kind,
+            ks,
+            self.device,
+            on_result=log_test,
+            progress=self.progress,
         )
         speed["train"] = self.train_tokens / max(self.train_seconds, 1e-9)
         results = {
