@@ -31,11 +31,18 @@ def analysis_plots(result: dict[str, Any], out: Path) -> list[Path]:
     fig, axes = plt.subplots(2, len(layers), figsize=(3.2 * len(layers), 5.5), squeeze=False)
     for col, layer in enumerate(layers):
         hist = layer["entropy_histogram"]
-        edges = hist["edges"]
-        widths = [b - a for a, b in zip(edges, edges[1:])]
-        axes[0][col].bar(edges[:-1], hist["counts"], width=widths, align="edge", color="#4477aa")
-        axes[0][col].set_title(f"layer {layer['layer']}: H={layer['entropy_mean']:.2f}")
-        axes[0][col].set_xlabel("router entropy (nats)")
+        if hist is None:  # a router without scores (e.g. hash): no entropy to show
+            axes[0][col].text(0.5, 0.5, "no router scores", ha="center", va="center")
+            axes[0][col].set_title(f"layer {layer['layer']}")
+            axes[0][col].set_axis_off()
+        else:
+            edges = hist["edges"]
+            widths = [b - a for a, b in zip(edges, edges[1:])]
+            axes[0][col].bar(
+                edges[:-1], hist["counts"], width=widths, align="edge", color="#4477aa"
+            )
+            axes[0][col].set_title(f"layer {layer['layer']}: H={layer['entropy_mean']:.2f}")
+            axes[0][col].set_xlabel("router entropy (nats)")
         # each token's first choice: at the training k the load is trivially flat when k = E
         counts = layer["tokens_per_expert_top1"]
         axes[1][col].bar(range(len(counts)), counts, color="#cc6677")
