@@ -204,3 +204,33 @@ def test_dtype_mismatch_is_one_clear_error_and_autocast_still_works() -> None:
     assert math.isfinite(
         float(layer.double()(torch.randn(3, D, dtype=torch.float64)).sum().detach())
     )
+
+
+class Competition(Router):
+    """Routes every token to the expert whose output has the largest norm (when asked to)."""
+
+    def wants_expert_responses(self, ctx: RoutingContext) -> bool:
+        return ctx.training
+
+    def route_by_responses(self, x_TD, ctx, responses_TED) -> Routing:
+        self.seen = responses_TED
+        ids = responses_TED.norm(dim=-1).argmax(-1, keepdim=True)
+        return Routing(ids, torch.ones(x_TD.shape[0], 1))
+
+    def forward(self, x_TD, ctx) -> Routing:
+        return Routing(
+            torch.zeros(x_TD.shape[0], 1, dtype=torch.long), torch.ones(x_TD.shape[0], 1)
+        )
+
+
+def test_a_router_may_route_by_every_experts_response() -> None:
+    torch.manual_seed(0)
+    layer = MoE(D, E, H, 1, router="smoe")
+    layer.router = Competition(D, E)
+    x = torch.randn(9, D)
+    out = layer.train()(x, return_details=True)
+    manual = torch.stack([layer.experts.expert_forward(e, x) for e in range(E)], 1)
+    torch.testing.assert_close(layer.router.seen, manual)
+    assert not layer.router.seen.requires_grad
+    assert torch.equal(out.routing.expert_ids[:, 0], manual.norm(dim=-1).argmax(-1))
+    assert layer.eval()(x, return_details=True).routing.expert_ids.eq(0).all()

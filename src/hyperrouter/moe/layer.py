@@ -268,7 +268,10 @@ class MoE(nn.Module):
             sequence_ids=self._per_token(sequence_ids, "sequence_ids", lead, token_idx),
         )
 
-        routing = self.router(x_TD, ctx)
+        if num_tokens > 0 and self.router.wants_expert_responses(ctx):
+            routing = self.router.route_by_responses(x_TD, ctx, self.expert_responses(x_TD))
+        else:
+            routing = self.router(x_TD, ctx)
         keep_TK = routing.keep
         if self.capacity_factor is not None and num_tokens > 0:
             capacity = expert_capacity(num_tokens, self.num_experts, k, self.capacity_factor)
@@ -302,6 +305,13 @@ class MoE(nn.Module):
             _routing_stats(routing, keep_TK, self.num_experts, backend_name, k),
             routing,
         )
+
+    @torch.no_grad()
+    def expert_responses(self, x_TD: Tensor) -> Tensor:
+        """Every expert's output on every token, detached: [T, E, d_model] (E times the compute
+        of one expert per token; for competition routers, on their competition calls only)."""
+        x = x_TD.detach()
+        return torch.stack([self.experts.expert_forward(e, x) for e in range(self.num_experts)], 1)
 
     # ---------------------------------------------------------------- helpers
     def _check_input(self, x: Tensor) -> None:

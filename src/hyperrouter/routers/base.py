@@ -6,6 +6,10 @@ token uses and with what combine weights, optionally which (token, slot) pairs i
 log-probability of sampled choices, the logits over all E experts (absent for routers without
 scores), and this call's auxiliary losses. Routers know nothing about models or expert computation.
 
+A router may also ask, per call, to see every expert's output before routing
+(`wants_expert_responses` / `route_by_responses`: competition routers such as CompeteSMoE); the
+layer then runs all experts on all tokens (E times the compute, on those calls only).
+
 Two hooks let a router learn from more than its forward:
 - `token_loss_terms(routing, token_loss_T)`: extra losses from the per-token task loss of the batch,
   called by the training step after the model's forward (policy-gradient routers such as RL-R);
@@ -156,6 +160,17 @@ class Router(nn.Module):
 
     def optimizer_step(self, load_E: Tensor, step: int) -> None:
         """Update state once per optimizer step from the load [E] since the previous step."""
+
+    def wants_expert_responses(self, ctx: RoutingContext) -> bool:
+        """True when this call should route by the experts' responses (competition routers):
+        the layer then runs every expert on every token and calls `route_by_responses`."""
+        return False
+
+    def route_by_responses(
+        self, x_TD: Tensor, ctx: RoutingContext, responses_TED: Tensor
+    ) -> Routing:
+        """Route from every expert's output on every token (detached, [T, E, d_model])."""
+        raise NotImplementedError
 
     @property
     def wants_token_loss(self) -> bool:
