@@ -35,6 +35,7 @@ from hyperrouter.train.config import (
     RunConfig,
     TrainConfig,
     apply_overrides,
+    check_top_ks,
     from_dict,
     load_raw,
 )
@@ -90,6 +91,8 @@ class FinetuneConfig:
                 raise HyperRouterError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len < 2:
             raise HyperRouterError(f"max_len must be >= 2, got {self.max_len}")
+        if not self.test_top_ks:
+            raise HyperRouterError("test_top_ks must list at least one k")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +264,8 @@ def finetune_run(
             f"top_k_min/top_k_max must satisfy 1 <= top_k_min <= top_k_max <= {experts} "
             f"(experts of the model), got {config.top_k_min} and {config.top_k_max}"
         )
+    if model.body.moe_layers():
+        check_top_ks(config.test_top_ks, experts, "test_top_ks")
     train = encode_split(task.train, prep.vocab, config.max_len)
     valid = encode_split(task.valid, prep.vocab, config.max_len)
     test = encode_split(task.test, prep.vocab, config.max_len)
