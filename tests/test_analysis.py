@@ -222,7 +222,9 @@ def test_compare_refuses_a_sweep_of_another_configuration(tmp_path, corpus, caps
     assert main(args) == 0
     capsys.readouterr()
     assert main([*args, "--set", "train.lr=0.1"]) == 2
-    assert "holds a sweep with a different configuration" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a sweep with a different configuration: train.lr: " in err
+    assert "(sweep) vs 0.1 (given)" in err
 
 
 def test_compare_runs_every_registered_router(tmp_path, corpus) -> None:

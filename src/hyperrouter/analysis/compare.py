@@ -35,7 +35,13 @@ from hyperrouter.data.corpus import load_corpus
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.routers import ROUTERS
 from hyperrouter.train import checkpoint as ckpt
-from hyperrouter.train.config import RunConfig, apply_overrides, config_from_dict, load_raw
+from hyperrouter.train.config import (
+    RunConfig,
+    apply_overrides,
+    config_diff,
+    config_from_dict,
+    load_raw,
+)
 from hyperrouter.train.trainer import train_run
 
 DEFAULT_BASE = "enwik8-hyperrouter-cpu"
@@ -150,9 +156,14 @@ class Sweep:
         if path.is_file():
             stored = ckpt.read_json(path)
             if stored.get("base") != self._identity()["base"]:
+                diff = config_diff(
+                    stored.get("base") or {}, self._identity()["base"], (), ("sweep", "given")
+                )
+                more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
                 raise HyperRouterError(
-                    f"{self.out} holds a sweep with a different configuration; use another --out "
-                    f"or the same --config/--data/--set as before"
+                    f"{self.out} holds a sweep with a different configuration: "
+                    f"{'; '.join(diff[:3])}{more}; use another --out or the same "
+                    f"--config/--data/--set as before"
                 )
             return
         if self.out.exists() and any(self.out.iterdir()):

@@ -412,7 +412,9 @@ def resume_config(
     return config
 
 
-def config_diff(run: dict[str, Any], given: dict[str, Any], ignore=("description",)) -> list[str]:
+def config_diff(
+    run: dict[str, Any], given: dict[str, Any], ignore=("description",), labels=("run", "given")
+) -> list[str]:
     """`key: value (run) vs value (given)` for every key whose value differs, in config order."""
     out = []
     for key in dict.fromkeys([*run, *given]):
@@ -420,9 +422,9 @@ def config_diff(run: dict[str, Any], given: dict[str, Any], ignore=("description
             continue
         a, b = run.get(key, _UNSET), given.get(key, _UNSET)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{key}.{line}" for line in config_diff(a, b, ())]
+            out += [f"{key}.{line}" for line in config_diff(a, b, (), labels)]
         elif a != b:
-            out.append(f"{key}: {_show(a)} (run) vs {_show(b)} (given)")
+            out.append(f"{key}: {_show(a)} ({labels[0]}) vs {_show(b)} ({labels[1]})")
     return out
 
 
