@@ -15,7 +15,7 @@ W = 0.5
 # Routers with logits but no balance-loss option, and why: balanced by construction in training
 # (expert choice, BASE; S-BASE up to its Sinkhorn tolerance) or every token on every expert
 # (dense: the Switch loss is the constant 1).
-NO_BALANCE = {"base", "dense", "expert_choice", "sbase"}
+NO_BALANCE = {"base", "dense", "expert_choice", "sbase", "smear"}  # smear: every expert used
 # The Switch loss over the first slot only (GShard's f_i counts first choices).
 FIRST_SLOT_BALANCE = {"gshard"}
 # A balance loss of the router's own (StableMoE's L_bal), tested in test_routers_v2_more.py.

@@ -2,8 +2,10 @@
 
 Shapes of its `Routing`; the MoE layer's output and the gradients of the input and of every
 trainable parameter against a naive per-token loop over the router's own routing (relative error
-<= 1e-5 in fp32); k changing between calls; eval determinism; a state_dict round trip; a padding
-mask; an empty batch. A router registered later is covered without touching this file.
+<= 1e-5 in fp32; for routers that require the `merge` dispatch, one expert with the weighted
+mean of the experts' parameters per token); k changing between calls; eval determinism; a
+state_dict round trip; a padding mask; an empty batch. A router registered later is covered
+without touching this file.
 Every call gets token ids and sequence ids, as Transformer-XL and the classifier give them.
 """
 
@@ -43,6 +45,17 @@ def naive_expert(layer: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
     return torch.relu(x_D @ ex.w_in[e] + ex.b_in[e]) @ ex.w_out[e] + ex.b_out[e]
 
 
+def naive_merged_expert(layer: MoE, routing, keep, t: int, x_D: torch.Tensor) -> torch.Tensor:
+    ex = layer.experts
+    w = torch.zeros(E)
+    for j in range(routing.expert_ids.shape[1]):
+        if keep is None or keep[t, j]:
+            w = w + routing.weights[t, j] * torch.eye(E)[int(routing.expert_ids[t, j])]
+    w_in, b_in = torch.einsum("e,edh->dh", w, ex.w_in), w @ ex.b_in
+    w_out, b_out = torch.einsum("e,ehd->hd", w, ex.w_out), w @ ex.b_out
+    return torch.relu(x_D @ w_in + b_in) @ w_out + b_out
+
+
 def layer_loss(layer: MoE, x: torch.Tensor, k: int, g: torch.Tensor):
     out = layer(x, top_k=k, return_details=True, **ids_for(x.shape[:-1]))
     loss = (out.output * g).sum() + sum(out.aux_losses.values(), torch.zeros(()))
@@ -58,6 +71,10 @@ def naive_loss(layer: MoE, x: torch.Tensor, k: int, g: torch.Tensor):
     rows = []
     for t in range(x.shape[0]):
         row = torch.zeros(D)
+        if layer.router.dispatch == "merge":  # one expert with the weighted mean of parameters
+            row = naive_merged_expert(layer, routing, keep, t, x[t])
+            rows.append(row)
+            continue
         for j in range(routing.expert_ids.shape[1]):
             if keep is None or keep[t, j]:
                 e = int(routing.expert_ids[t, j])

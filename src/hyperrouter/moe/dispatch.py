@@ -7,9 +7,15 @@ never sees how; the experts' math (`hyperrouter.moe.experts`) never sees the rou
 - `tokens`: token dispatch, out[t] = sum_k keep[t,k] * weights[t,k] * expert_{ids[t,k]}(x[t]),
   through the expert backends (reference, grouped, grouped_mm, dense).
 
-Other strategies register here with `register_dispatch` (parameter merging, where the routing
-weights average the experts' parameters instead of moving tokens, is the next one); the layer picks
-one by name (`MoE(dispatch=...)`).
+- `merge`: parameter merging (SMEAR): each token is processed by ONE expert whose parameters are
+  the routing-weighted average of the experts' parameters, out[t] = f(x[t]; sum_e w[t,e] theta_e)
+  with `routing.expert_ids` = every expert. Since each layer of an expert is linear in its
+  parameters, x (sum_e w_e W_e) = sum_e w_e (x W_e): computed without materialising per-token
+  merged weights, at the cost of running every expert's two GEMMs on every token (like the
+  `dense` backend). The backends are not used.
+
+Other strategies register here with `register_dispatch`; the layer picks one by name
+(`MoE(dispatch=...)`), and a router may require one (`Router.dispatch`).
 """
 
 from __future__ import annotations
@@ -62,3 +68,36 @@ def token_dispatch(
         return run(
             experts, weights, x_TD.to(compute_dtype), routing.expert_ids, routing.weights, keep_TK
         )
+
+
+@register_dispatch("merge")
+def merge_dispatch(
+    experts: Experts,
+    x_TD: Tensor,
+    routing: Routing,
+    keep_TK: Tensor | None,
+    backend: str,
+    compute_dtype: torch.dtype,
+    autocast: bool,
+) -> Tensor:
+    """One merged expert per token: f(x_t; sum_e w_te theta_e) (SMEAR); `backend` is unused."""
+    num_tokens, num_experts = x_TD.shape[0], experts.num_experts
+    w_TK = routing.weights.to(compute_dtype)
+    if keep_TK is not None:
+        w_TK = w_TK * keep_TK
+    w_TE = x_TD.new_zeros(num_tokens, num_experts, dtype=compute_dtype).scatter_add(
+        1, routing.expert_ids, w_TK
+    )
+    p = experts.weights(compute_dtype if autocast else None)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        x = x_TD.to(compute_dtype)
+        h_TEH = torch.einsum("td,edh->teh", x, p.w_in)
+        h_TH = torch.einsum("te,teh->th", w_TE, h_TEH)
+        if p.b_in is not None:
+            h_TH = h_TH + w_TE @ p.b_in
+        a_TH = experts.hidden(h_TH)
+        y_TED = torch.einsum("th,ehd->ted", a_TH, p.w_out)
+        y_TD = torch.einsum("te,ted->td", w_TE, y_TED)
+        if p.b_out is not None:
+            y_TD = y_TD + w_TE @ p.b_out
+    return y_TD

@@ -284,7 +284,7 @@ class MoE(nn.Module):
         if num_tokens == 0:
             y_TD = self._empty_output(x_TD, compute_dtype)
         else:
-            run = DISPATCHERS[self.dispatch]
+            run = DISPATCHERS[self.router.dispatch or self.dispatch]
             y_TD = run(self.experts, x_TD, routing, keep_TK, backend_name, compute_dtype, autocast)
             if self.shared is not None:
                 y_TD = self._mix_shared(x_TD, y_TD, compute_dtype, autocast)

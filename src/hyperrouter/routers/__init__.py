@@ -13,6 +13,7 @@ from hyperrouter.routers import (  # noqa: F401  (registers the routers)
     linear,
     rlr,
     sbase,
+    smear,
     stablemoe,
     switch,
     xmoe,

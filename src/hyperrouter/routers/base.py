@@ -138,6 +138,9 @@ class Router(nn.Module):
 
     uses_all_experts: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""
+    # a dispatch strategy the router's routing must be computed with (None: the layer's choice);
+    # e.g. "merge" for routers whose weights average the experts' parameters (SMEAR)
+    dispatch: ClassVar[str | None] = None
 
     def __init__(self, d_model: int, num_experts: int) -> None:
         super().__init__()
