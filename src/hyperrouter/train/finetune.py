@@ -352,6 +352,7 @@ def finetune_run(
     if model.body.moe_layers():
         ks = sorted({k for k in config.test_top_ks if 1 <= k <= experts})
     by_k, speed = {}, {}
+    test_bar = tqdm(total=len(ks), desc="test", unit="k", disable=not progress)
     for k in ks:
         acc, rate = evaluate_accuracy(
             model, test, config.eval_batch_size, device, k if model.body.moe_layers() else None
@@ -361,6 +362,9 @@ def finetune_run(
         metrics.write(
             json.dumps({"step": config.steps, "split": "test", "accuracy": acc, "top_k": k}) + "\n"
         )
+        test_bar.update(1)
+        test_bar.set_postfix(k=k, accuracy=f"{acc:.4f}")
+    test_bar.close()
     metrics.close()
     results = {
         "metric": "accuracy",
