@@ -327,3 +327,21 @@ def test_rlr_bad_options_and_foreign_routings_are_one_line_errors() -> None:
     empty = router(torch.zeros(0, D), train_ctx(2))
     terms = router.token_loss_terms(empty, torch.zeros(0))
     assert all(float(v.detach()) == 0 for v in terms.values())
+
+
+def test_the_trainer_fits_a_balanced_hash_table_to_the_training_data(tmp_path) -> None:
+    from hyperrouter.train.config import config_from_dict
+    from hyperrouter.train.trainer import Run
+    from tests.test_train import tiny_config
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_bytes(b"aaaaaaaabbbbccde " * 300)
+    cfg = tiny_config(
+        corpus, moe={"router": "hash", "router_options": {"table": "balanced", "vocab_size": 64}}
+    )
+    run = Run(config_from_dict(cfg), tmp_path / "run", progress=False, log=lambda _: None)
+    router = run.model.moe_layers()[0].router
+    assert bool(router.fitted)
+    counts = torch.bincount(run.corpus.train.reshape(-1), minlength=64).float()
+    load = torch.zeros(router.num_experts).index_add(0, router.table[:64, 0].long(), counts)
+    assert load.max() <= counts.max() + load.sum() / router.num_experts  # greedy balance bound

@@ -164,6 +164,14 @@ class Router(nn.Module):
     def optimizer_step(self, load_E: Tensor, step: int) -> None:
         """Update state once per optimizer step from the load [E] since the previous step."""
 
+    def fit_token_counts(self, counts_V: Tensor) -> None:
+        """Called once before training from scratch with the count of every token id in the
+        training data (routers built from corpus statistics, e.g. a balanced hash table)."""
+
+    @property
+    def wants_token_counts(self) -> bool:
+        return type(self).fit_token_counts is not Router.fit_token_counts
+
     def wants_expert_responses(self, ctx: RoutingContext) -> bool:
         """True when this call should route by the experts' responses (competition routers):
         the layer then runs every expert on every token and calls `route_by_responses`."""

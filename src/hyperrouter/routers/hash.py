@@ -177,6 +177,12 @@ class HashRouter(Router):
         self.table.copy_(built.to(self.table.device))
         self.fitted.fill_(True)
 
+    def fit_token_counts(self, counts_V: Tensor) -> None:
+        """The trainer's hook before training from scratch: a balanced table is fitted to the
+        training data's token counts; a random table ignores them."""
+        if self.table_kind == "balanced":
+            self.fit_table(counts_V)
+
     def forward(self, x_TD: Tensor, ctx: RoutingContext | int) -> Routing:
         ctx = self.context(ctx)
         if ctx.token_ids is None:

@@ -113,6 +113,11 @@ class Run:
         return saved
 
     def _create(self) -> None:
+        routers = [m.router for m in self.model.moe_layers() if m.router.wants_token_counts]
+        if routers:  # routers built from corpus statistics see the training split's counts
+            counts = torch.bincount(self.corpus.train.reshape(-1), minlength=len(self.corpus.vocab))
+            for router in routers:
+                router.fit_token_counts(counts)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json_atomic(self.out_dir / "config.json", self.config.to_dict())
         summary = parameter_summary(self.model)
