@@ -6,11 +6,13 @@ Every router module registers itself on import; `ROUTERS` maps names to classes.
 from hyperrouter.routers import (  # noqa: F401  (registers the routers)
     aux_free,
     base_layers,
+    competesmoe,
     dense,
     expert_choice,
     hash,
     hyper,
     linear,
+    locmoe,
     rlr,
     sbase,
     smear,
