@@ -1,4 +1,4 @@
-"""The `hyperrouter` command: train, eval, finetune, compare, analyze, data, bench.
+"""The `hyperrouter` command: train, eval, finetune, compare, analyze, scaling, data, bench.
 
 Bad input ends with one line on stderr and a non-zero exit (2); `--debug` shows the traceback.
 """
@@ -442,6 +442,60 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- scaling
+
+
+def _add_scaling(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scaling", help="fit the routed scaling law of Clark et al. (2022)")
+    what = p.add_subparsers(dest="scaling_what", required=True, metavar="WHAT")
+    fit = what.add_parser(
+        "fit",
+        help="fit log L = a log N + b log E' + c log N log E' + d to runs",
+        description=(
+            "Reads run folders (config.json + results.json) or sweep folders (runs/*/), takes "
+            "N = the parameters a token uses (dense-equivalent size), E = experts per MoE layer "
+            "(1 for dense models) and L = test loss in nats at inference k = --top-k, and fits "
+            "Clark et al.'s law per router (dense runs join every router's fit) by least squares. "
+            "Prints coefficients with standard errors, R^2 and RMSE of log L; writes "
+            "scaling.json and scaling.png into --out. With one model size or one expert count "
+            "the reduced law is fitted and the output says so."
+        ),
+    )
+    fit.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP")
+    fit.add_argument("--out", metavar="DIR", help="write scaling.json and scaling.png here")
+    fit.add_argument(
+        "--top-k", type=int, default=1, help="inference k whose test loss is used (default 1)"
+    )
+    fit.add_argument(
+        "--saturate",
+        action="store_true",
+        help="E' = the saturating transform of E with fitted E_start, E_max (form unverified "
+        "against the paper; see hyperrouter.analysis.scaling)",
+    )
+    fit.add_argument(
+        "--router", type=_str_list, metavar="NAME,NAME", help="fit only these routers' runs"
+    )
+    fit.set_defaults(handler=_scaling_fit)
+
+
+def _scaling_fit(args: argparse.Namespace) -> int:
+    from hyperrouter.analysis.scaling import format_report, run_scaling_fit
+
+    if args.out:
+        check_writable(args.out, "--out", folder=True)
+    result = run_scaling_fit(
+        args.paths,
+        args.out,
+        top_k=args.top_k,
+        saturate=args.saturate,
+        routers=list(args.router) if args.router else None,
+    )
+    print(format_report(result))
+    for path in result.get("files", []):
+        print(f"wrote {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -495,6 +549,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_finetune,
     _add_compare,
     _add_analyze,
+    _add_scaling,
     _add_data,
     _add_bench,
 ]
