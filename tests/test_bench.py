@@ -107,3 +107,43 @@ def test_bench_rejects_k_outside_the_experts(capsys, args, message) -> None:
     assert main(["bench", "layer", "--no-peers", *args]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_times_several_routers(tmp_path, capsys) -> None:
+    """--router times each named router's layer against one floor; hash gets synthetic ids."""
+    out = tmp_path / "bench.json"
+    code = main(
+        [
+            "bench",
+            "layer",
+            "--quick",
+            "--top-k",
+            "1,2",
+            "--tokens",
+            "32",
+            "--repeats",
+            "1",
+            "--experts",
+            "relu",
+            "--no-peers",
+            "--router",
+            "sbase,hash",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    records = json.loads(out.read_text())
+    ours = {(r["router"], r["top_k"], r["mode"]) for r in records if r["impl"] == "ours"}
+    assert ours == {
+        (r, k, m) for r in ("sbase", "hash") for k in (1, 2) for m in ("train", "infer")
+    }
+    assert all(r["router"] is None for r in records if r["impl"] == "dense")
+    assert all(r["ratio_vs_dense"] > 0 for r in records)
+    assert "hash" in capsys.readouterr().out
+
+
+def test_bench_rejects_an_unknown_router(capsys) -> None:
+    assert main(["bench", "layer", "--router", "smoe,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--router: unknown router(s) nope" in err and len(err.strip().splitlines()) == 1

@@ -8,9 +8,16 @@ transformers' Mixtral sparse block (eager and grouped_mm experts) with copied we
 whose outputs are checked against ours. All implementations of one (k, mode) are timed round-robin
 so that machine noise hits them alike; we report medians.
 
-Our layer is `hyperrouter.MoE` with the trainable linear `smoe` router (the only router whose gate
-a Mixtral block can share), labelled `ours` in the records (`ours:<backend>` for a forced expert
-backend): routing costs the same for every router, the experts are what is timed.
+Our layer is `hyperrouter.MoE`, labelled `ours` in the records (`ours:<backend>` for a forced expert
+backend), with the router(s) of `routers` (default the trainable linear `smoe`, the only router
+whose gate a Mixtral block can share; each record names its router). Several routers are timed
+round-robin against one floor, so each one's ratio to the floor shows what its routing costs.
+Every router call gets synthetic token ids (seeded, in [0, 256)) for routers that route by token
+id (`hash`); the others ignore them. Train mode runs the layer in training mode (forward +
+backward, e.g. Sinkhorn for `sbase`), inference mode in eval mode. Forced expert backends are
+timed with the first router only (they time the experts, which no router changes); the Mixtral
+peers only next to `smoe`. A router that uses every expert (`dense`) computes all E experts
+whatever k says: its ratio is against the floor of width k * d_hidden all the same.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class BenchRecord:
     expert: str = "relu"
     repeats: int = 0
     max_rel_diff_vs_ours: float | None = None
+    router: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -106,6 +114,7 @@ class _Contender:
     expert: str
     module: nn.Module
     call: Callable[[Tensor], Tensor]
+    router: str | None = None
 
 
 def _contenders(
@@ -116,36 +125,47 @@ def _contenders(
     d_hidden: int,
     backends: tuple[str, ...],
     peers: bool,
+    routers: tuple[str, ...] = ("smoe",),
+    token_ids: Tensor | None = None,
 ) -> list[_Contender]:
-    torch.manual_seed(0)
-    if expert == "swiglu":
-        layer = MoE(
-            d_model,
-            num_experts,
-            d_hidden,
-            top_k,
-            router="smoe",
-            router_options={"bias": False},
-            activation="swiglu",
-            bias=False,
-        )
-    else:
-        layer = MoE(d_model, num_experts, d_hidden, top_k, router="smoe")
     floor = dense_floor(expert, d_model, top_k * d_hidden)
-    out = [
-        _Contender("dense", expert, floor, floor),
-        _Contender("ours", expert, layer, layer),
-    ]
-    for backend in backends:
-        out.append(
-            _Contender(f"ours:{backend}", expert, layer, lambda x, b=backend: layer(x, backend=b))
-        )
-    if peers and expert == "swiglu":
-        for implementation in HF_EXPERT_IMPLEMENTATIONS:
-            block = hf_mixtral_block(layer, top_k, implementation)
-            if block is not None:
-                call = (lambda b: lambda x: b(x.unsqueeze(0)).squeeze(0))(block)
-                out.append(_Contender(f"peer:hf-mixtral-{implementation}", expert, block, call))
+    out = [_Contender("dense", expert, floor, floor)]
+    for i, router in enumerate(routers):
+        torch.manual_seed(0)
+        if expert == "swiglu":
+            layer = MoE(
+                d_model,
+                num_experts,
+                d_hidden,
+                top_k,
+                router=router,
+                router_options={"bias": False} if router == "smoe" else {},
+                activation="swiglu",
+                bias=False,
+            )
+        else:
+            layer = MoE(d_model, num_experts, d_hidden, top_k, router=router)
+
+        def call(x: Tensor, layer: MoE = layer, backend: str | None = None) -> Tensor:
+            return layer(x, backend=backend, token_ids=token_ids)
+
+        out.append(_Contender("ours", expert, layer, call, router))
+        for backend in backends if i == 0 else ():
+            out.append(
+                _Contender(
+                    f"ours:{backend}", expert, layer, lambda x, b=backend, f=call: f(x, backend=b)
+                )
+            )
+            out[-1].router = router
+        if peers and expert == "swiglu" and router == "smoe":
+            for implementation in HF_EXPERT_IMPLEMENTATIONS:
+                block = hf_mixtral_block(layer, top_k, implementation)
+                if block is not None:
+                    call_hf = (lambda b: lambda x: b(x.unsqueeze(0)).squeeze(0))(block)
+                    out.append(
+                        _Contender(f"peer:hf-mixtral-{implementation}", expert, block, call_hf)
+                    )
+                    out[-1].router = router
     return out
 
 
@@ -190,8 +210,11 @@ def run_layer_bench(
     modes: tuple[str, ...] = ("train", "infer"),
     peers: bool = True,
     progress: bool = True,
+    routers: tuple[str, ...] = ("smoe",),
 ) -> list[BenchRecord]:
-    """Time every contender for every k and mode; returns one record per (impl, k, mode)."""
+    """Time every contender for every k and mode; returns one record per (impl, router, k, mode).
+
+    `routers`: registered router names whose MoE layers are timed side by side (default smoe)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = (
         getattr(torch, dtype)
@@ -199,6 +222,7 @@ def run_layer_bench(
         else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     )
     check_top_ks(ks, num_experts, "--top-k values")
+    _check_routers(routers)
     for name, value in (("--tokens", tokens), ("--repeats", repeats)):
         if value is not None and value < 1:
             raise HyperRouterError(f"{name} must be >= 1, got {value}")
@@ -209,17 +233,23 @@ def run_layer_bench(
     bar = _progress(len(jobs), progress)
     records: list[BenchRecord] = []
     for expert, k, mode in jobs:
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(tokens, d_model, generator=gen).to(device=dev, dtype=dt)
+        grad = torch.randn(tokens, d_model, generator=gen).to(device=dev, dtype=dt)
+        ids = torch.randint(0, 256, (tokens,), generator=gen).to(dev)
         contenders = [
             c
-            for c in _contenders(expert, k, num_experts, d_model, d_hidden, backends, peers)
+            for c in _contenders(
+                expert, k, num_experts, d_model, d_hidden, backends, peers, routers, ids
+            )
             if _worth_timing(c.impl, k, num_experts)
         ]
         for c in contenders:
             c.module.to(device=dev, dtype=dt)
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(tokens, d_model, generator=gen).to(device=dev, dtype=dt)
-        grad = torch.randn(tokens, d_model, generator=gen).to(device=dev, dtype=dt)
+            c.module.eval()
         diffs = _check_against_ours(contenders, x)
+        for c in contenders:
+            c.module.train(mode == "train")
         steps = [_step(c, x, grad, mode) for c in contenders]
         for step in steps:
             step()  # warm-up (allocations, lazy initialisation)
@@ -245,7 +275,8 @@ def run_layer_bench(
                     ratio_vs_dense=round(median / floor_ms, 3),
                     expert=expert,
                     repeats=len(ts),
-                    max_rel_diff_vs_ours=diffs.get(c.impl),
+                    max_rel_diff_vs_ours=diffs.get((c.impl, c.router)),
+                    router=c.router,
                 )
             )
         bar.update(1)
@@ -263,17 +294,34 @@ def _worth_timing(impl: str, top_k: int, num_experts: int) -> bool:
     return True
 
 
-def _check_against_ours(contenders: list[_Contender], x: Tensor) -> dict[str, float]:
-    """Relative difference of every sparse contender's output from ours (same weights)."""
-    ours = next(c for c in contenders if c.impl == "ours")
+def _check_routers(routers: tuple[str, ...]) -> None:
+    from hyperrouter.routers import ROUTERS
+
+    if not routers:
+        raise HyperRouterError("--router needs at least one router name")
+    unknown = [r for r in routers if r not in ROUTERS]
+    if unknown:
+        raise HyperRouterError(
+            f"--router: unknown router(s) {', '.join(unknown)}; valid: {', '.join(sorted(ROUTERS))}"
+        )
+    if len(set(routers)) != len(routers):
+        raise HyperRouterError(f"--router lists a router twice: {','.join(routers)}")
+
+
+def _check_against_ours(
+    contenders: list[_Contender], x: Tensor
+) -> dict[tuple[str, str | None], float]:
+    """Relative difference of every sparse contender's output from `ours` with the same router
+    (same weights), keyed by (impl, router)."""
     with torch.inference_mode():
-        ref = ours.call(x).float()
+        refs = {c.router: c.call(x).float() for c in contenders if c.impl == "ours"}
         out = {}
         for c in contenders:
-            if c.impl == "dense":
+            if c.impl == "dense" or c.router not in refs:
                 continue
+            ref = refs[c.router]
             got = c.call(x).float()
-            out[c.impl] = round(((got - ref).norm() / ref.norm()).item(), 8)
+            out[(c.impl, c.router)] = round(((got - ref).norm() / ref.norm()).item(), 8)
     return out
 
 
@@ -286,12 +334,15 @@ def _progress(total: int, enabled: bool):
 def format_table(records: list[BenchRecord]) -> str:
     """A plain-text table: one line per record, grouped by expert type and mode."""
     lines = [
-        f"{'expert':<7} {'mode':<6} {'k':>3}  {'impl':<32} {'median ms':>10} {'x dense':>8}",
+        f"{'expert':<7} {'mode':<6} {'k':>3}  {'impl':<32} {'router':<14} {'median ms':>10} "
+        f"{'x dense':>8}",
     ]
     for r in sorted(records, key=lambda r: (r.expert, r.mode != "train", r.top_k)):
         ratio = "" if r.ratio_vs_dense is None else f"{r.ratio_vs_dense:.2f}"
+        router = r.router or "-"
         lines.append(
-            f"{r.expert:<7} {r.mode:<6} {r.top_k:>3}  {r.impl:<32} {r.median_ms:>10.1f} {ratio:>8}"
+            f"{r.expert:<7} {r.mode:<6} {r.top_k:>3}  {r.impl:<32} {router:<14} "
+            f"{r.median_ms:>10.1f} {ratio:>8}"
         )
     return "\n".join(lines)
 

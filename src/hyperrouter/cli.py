@@ -114,6 +114,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--modes", type=_str_list, default=("train", "infer"), help="train, infer or both (default)"
     )
     layer.add_argument("--no-peers", action="store_true", help="skip peer implementations")
+    layer.add_argument(
+        "--router",
+        type=_str_list,
+        default=("smoe",),
+        metavar="NAME,NAME",
+        help="registered routers whose MoE layers are timed side by side against the same floor "
+        "(default smoe; routers that route by token id get synthetic ids)",
+    )
     layer.set_defaults(handler=_bench_layer)
 
 
@@ -149,6 +157,7 @@ def _bench_layer(args: argparse.Namespace) -> int:
         modes=args.modes,
         peers=not args.no_peers,
         progress=sys.stderr.isatty(),
+        routers=args.router,
     )
     print(f"# {bench.machine_description()}")
     print(bench.format_table(records))
