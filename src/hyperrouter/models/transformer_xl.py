@@ -27,7 +27,8 @@ class MoEConfig:
     k is not set here: the training schedule (train.top_k_*) decides it at every step and the
     evaluation sets it per call. granularity, shared_experts, shared_mix: DeepSeekMoE options of
     `hyperrouter.MoE` (the experts are num_experts * granularity of width d_expert / granularity,
-    and the schedule's k counts those).
+    and the schedule's k counts those). second_router (+ options, k): a second routing of the same
+    experts mixed by a learned gate (VQMoE's layer: second_router "vqmoe").
     """
 
     layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -41,6 +42,9 @@ class MoEConfig:
     granularity: int = 1
     shared_experts: int = 0
     shared_mix: str = "sum"
+    second_router: str | None = None
+    second_router_options: dict = field(default_factory=dict)
+    second_top_k: int = 1
 
     @property
     def total_experts(self) -> int:
@@ -250,6 +254,9 @@ class TransformerXL(nn.Module):
                     granularity=moe.granularity,
                     shared_experts=moe.shared_experts,
                     shared_mix=moe.shared_mix,
+                    second_router=moe.second_router,
+                    second_router_options=moe.second_router_options,
+                    second_top_k=moe.second_top_k,
                 )
             self.layers.append(DecoderLayer(c, layer_moe))
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, c.d_model, cutoffs, div_val)

@@ -8,6 +8,7 @@ an extra path every token takes, added to the routed output or mixed with it by 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from hyperrouter.moe.experts import (
     expert_capacity,
 )
 from hyperrouter.routers import Routing, RoutingContext, build_router
+from hyperrouter.routers.base import fp32_linear
 from hyperrouter.routers.losses import at_least_fp32
 
 SHARED_MIXES = ("sum", "gate")
@@ -79,6 +81,11 @@ class MoE(nn.Module):
             that every token uses, outside the routing. shared_mix: "sum" adds their output to the
             routed one (DeepSeekMoE); "gate" mixes the two with a learned per-token 2-way softmax.
         dispatch: how tokens reach experts (`hyperrouter.moe.dispatch.DISPATCHERS`).
+        second_router: a second routing of the same experts (its name; second_router_options
+            its options; second_top_k its k), whose output is mixed with the first path's by a
+            learned per-token 2-way softmax gate, y = g_0 y_routed + g_1 y_second, in training
+            and in inference (VQMoE's layer: `second_router="vqmoe"`). Its auxiliary losses join
+            the layer's (a name the first router also uses gets the prefix `second_`).
     """
 
     def __init__(
@@ -101,6 +108,9 @@ class MoE(nn.Module):
         shared_d_hidden: int | None = None,
         shared_mix: str = "sum",
         dispatch: str = "tokens",
+        second_router: str | None = None,
+        second_router_options: dict | None = None,
+        second_top_k: int = 1,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -162,11 +172,31 @@ class MoE(nn.Module):
                 self.shared_gate = nn.Linear(d_model, 2)
                 nn.init.normal_(self.shared_gate.weight, 0.0, init_std)
                 nn.init.zeros_(self.shared_gate.bias)
+        self.second_router = None
+        self.path_gate = None
+        if second_router is not None:
+            self.second_router = build_router(
+                second_router, d_model, self.num_experts, **(second_router_options or {})
+            )
+            if isinstance(second_top_k, bool) or not isinstance(second_top_k, int):
+                raise HyperRouterError(f"second_top_k must be an integer, got {second_top_k!r}")
+            if not 1 <= second_top_k <= self.num_experts:
+                raise HyperRouterError(
+                    f"second_top_k must be in [1, {self.num_experts}], got {second_top_k}"
+                )
+            self.path_gate = nn.Linear(d_model, 2)
+            nn.init.normal_(self.path_gate.weight, 0.0, init_std)
+            nn.init.zeros_(self.path_gate.bias)
+        self.second_top_k = second_top_k
         self.top_k = top_k
         self.backend = backend
         self.step: int | None = None  # the optimizer step, set by the training step
         self.register_buffer("load_since_step", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "second_load_since_step", torch.zeros(0, dtype=torch.long), persistent=False
+        )
         self._awaiting_token_loss: tuple[Routing, Tensor | None] | None = None
+        self._second_awaiting: tuple[Routing, Tensor | None] | None = None
 
     @property
     def top_k(self) -> int:
@@ -204,23 +234,37 @@ class MoE(nn.Module):
         `token_loss` has the shape of that forward's input without its last dimension (padding
         included; it is removed here like it was for routing). Empty for routers without the hook.
         """
-        pending, self._awaiting_token_loss = self._awaiting_token_loss, None
-        if pending is None:
-            return {}
-        routing, token_idx = pending
-        loss_T = token_loss.reshape(-1)
-        if token_idx is not None:
-            loss_T = loss_T.index_select(0, token_idx)
-        return self.router.token_loss_terms(routing, loss_T.detach())
+        terms: dict[str, Tensor] = {}
+        for router, attr in (
+            (self.router, "_awaiting_token_loss"),
+            (self.second_router, "_second_awaiting"),
+        ):
+            pending = getattr(self, attr)
+            setattr(self, attr, None)
+            if pending is None:
+                continue
+            routing, token_idx = pending
+            loss_T = token_loss.reshape(-1)
+            if token_idx is not None:
+                loss_T = loss_T.index_select(0, token_idx)
+            for name, value in router.token_loss_terms(routing, loss_T.detach()).items():
+                terms[f"second_{name}" if name in terms else name] = value
+        return terms
 
     def optimizer_step(self, step: int) -> None:
         """Called once per optimizer step in training: the router sees the load since the last."""
-        if self.router.wants_optimizer_step:
-            load = self.load_since_step
+        for router, attr in (
+            (self.router, "load_since_step"),
+            (self.second_router, "second_load_since_step"),
+        ):
+            if router is None or not router.wants_optimizer_step:
+                continue
+            load = getattr(self, attr)
             if load.numel() == 0:
                 load = torch.zeros(self.num_experts, dtype=torch.long, device=load.device)
-            self.router.optimizer_step(load, step)
+            router.optimizer_step(load, step)
         self.load_since_step = self.load_since_step.new_zeros(0)
+        self.second_load_since_step = self.second_load_since_step.new_zeros(0)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -286,6 +330,8 @@ class MoE(nn.Module):
         else:
             run = DISPATCHERS[self.router.dispatch or self.dispatch]
             y_TD = run(self.experts, x_TD, routing, keep_TK, backend_name, compute_dtype, autocast)
+            if self.second_router is not None:
+                y_TD, second = self._second_path(x_TD, y_TD, ctx, compute_dtype, autocast)
             if self.shared is not None:
                 y_TD = self._mix_shared(x_TD, y_TD, compute_dtype, autocast)
 
@@ -294,14 +340,21 @@ class MoE(nn.Module):
             y_TD = full.index_copy(0, token_idx, y_TD)
         output = y_TD.view(*lead, self.d_model)
 
+        aux_losses = routing.aux_losses
+        if self.second_router is not None and num_tokens > 0:
+            aux_losses = dict(aux_losses)
+            for name, value in second.aux_losses.items():
+                aux_losses[f"second_{name}" if name in aux_losses else name] = value
         if self.training:
             self._training_bookkeeping(routing, keep_TK, token_idx)
+            if self.second_router is not None and num_tokens > 0:
+                self._second_bookkeeping(second, token_idx)
         if not return_details:
             return output
         routing.keep = keep_TK
         return MoEOutput(
             output,
-            routing.aux_losses,
+            aux_losses,
             _routing_stats(routing, keep_TK, self.num_experts, backend_name, k),
             routing,
         )
@@ -312,6 +365,38 @@ class MoE(nn.Module):
         of one expert per token; for competition routers, on their competition calls only)."""
         x = x_TD.detach()
         return torch.stack([self.experts.expert_forward(e, x) for e in range(self.num_experts)], 1)
+
+    def _second_path(
+        self,
+        x_TD: Tensor,
+        y_TD: Tensor,
+        ctx: RoutingContext,
+        compute_dtype: torch.dtype,
+        autocast: bool,
+    ) -> tuple[Tensor, Routing]:
+        """The second routing of the same experts, mixed with the first by the 2-way gate."""
+        second = self.second_router(x_TD, dataclasses.replace(ctx, top_k=self.second_top_k))
+        backend = choose_backend(
+            x_TD.shape[0], self.num_experts, second.expert_ids.shape[1], x_TD.device, x_TD.dtype
+        )
+        run = DISPATCHERS[self.second_router.dispatch or "tokens"]
+        y2_TD = run(self.experts, x_TD, second, second.keep, backend, compute_dtype, autocast)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            gate_T2 = torch.softmax(fp32_linear(self.path_gate, x_TD), dim=-1).to(y_TD.dtype)
+        return gate_T2[:, :1] * y_TD + gate_T2[:, 1:] * y2_TD, second
+
+    def _second_bookkeeping(self, second: Routing, token_idx: Tensor | None) -> None:
+        router = self.second_router
+        if router.wants_token_loss:
+            self._second_awaiting = (second, token_idx)
+        if router.wants_optimizer_step:
+            with torch.no_grad():
+                ids = second.expert_ids if second.keep is None else second.expert_ids[second.keep]
+                counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+                if self.second_load_since_step.numel() == 0:
+                    self.second_load_since_step = counts
+                else:
+                    self.second_load_since_step = self.second_load_since_step + counts
 
     # ---------------------------------------------------------------- helpers
     def _check_input(self, x: Tensor) -> None:
