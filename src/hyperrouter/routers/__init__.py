@@ -18,6 +18,7 @@ from hyperrouter.routers import (  # noqa: F401  (registers the routers)
     smear,
     stablemoe,
     switch,
+    vqmoe,
     xmoe,
 )
 from hyperrouter.routers.base import (
