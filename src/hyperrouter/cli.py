@@ -391,6 +391,20 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a base config key (repeatable)",
     )
+    p.add_argument(
+        "--experts",
+        type=_int_list,
+        metavar="E,E",
+        help="grid axis: moe.num_experts values, e.g. 4,8,16,32 (k clipped to E; run folders "
+        "<method>-E<E>-...)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_int_list,
+        metavar="D,D",
+        help="grid axis: model.d_model values, e.g. 64,128,256; d_inner, d_expert, d_head scale "
+        "by D / base d_model (run folders <method>-...-d<D>-seed<S>)",
+    )
     p.add_argument("--out", required=True, metavar="SWEEP_DIR")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_compare)
@@ -408,6 +422,8 @@ def _compare(args: argparse.Namespace) -> int:
         data=args.data,
         overrides=args.overrides,
         progress=False if args.no_progress else None,
+        experts=list(args.experts) if args.experts else None,
+        sizes=list(args.sizes) if args.sizes else None,
     )
     print(Path(args.out, "table.md").read_text())
     return 0

@@ -10,6 +10,17 @@ ambiguous: `dense_ffn` is the dense-FFN model, `all_experts` the MoE model with 
 Seeds are train.seed + i. Runs live in SWEEP_DIR/runs/<method>-seed<seed>; finished runs are
 reused and an interrupted one resumes from its last checkpoint, so re-running the command
 continues a sweep; a run folder whose config is not the method's is refused, never reused.
+
+Grid axes (for scaling laws), both optional: `experts` (moe.num_experts values) and `sizes`
+(model.d_model values). A size D scales every width of the base by D / base d_model: d_inner,
+moe.d_expert (rounded to a multiple of moe.granularity), d_head and d_embed (if set); n_layer and
+n_head stay. An expert count E sets moe.num_experts = E and clips k to the E * granularity experts:
+eval.top_ks above it are dropped, the schedule's top_k_min/max are capped at it. Each method is
+multiplied into the grid; a dense method that does not depend on E (no MoE layers and no
+d_inner_from_experts) runs once per size. Cells are labelled <method>[-E<E>][-d<D>] (the parts
+of the axes given) and runs live in runs/<label>-seed<seed>; summary.json's `methods`, the table
+and the CSV are keyed by label, each entry naming its method, num_experts and d_model. Without
+the axes everything is as before (labels are the method names).
 """
 
 from __future__ import annotations
@@ -120,9 +131,13 @@ class Sweep:
         base: str | None = None,
         data: str | None = None,
         overrides: list[str] | None = None,
+        experts: list[int] | None = None,
+        sizes: list[int] | None = None,
     ) -> None:
         if seeds < 1:
             raise HyperRouterError(f"--seeds must be >= 1, got {seeds}")
+        _check_axis("--experts", experts)
+        _check_axis("--sizes", sizes)
         self.out = Path(out)
         self.methods = methods
         raw = load_raw(base or DEFAULT_BASE)
@@ -133,13 +148,16 @@ class Sweep:
         self.base = config_from_dict(raw)
         self.raw = raw
         self.seeds = [self.base.train.seed + i for i in range(seeds)]
-        self.configs = {
-            (m, s): config_from_dict(
-                apply_overrides(raw, [*method_overrides(m, self.base), f"train.seed={s}"])
-            )
-            for m in methods
-            for s in self.seeds
-        }
+        self.cells = grid_cells(self.base, methods, experts, sizes)
+        self.labels = list(self.cells)
+        self.configs = {}
+        for label, (m, e, d) in self.cells.items():
+            cell_raw = apply_overrides(raw, axis_overrides(self.base, e, d))
+            cell_base = config_from_dict(cell_raw)
+            for s in self.seeds:
+                self.configs[(label, s)] = config_from_dict(
+                    apply_overrides(cell_raw, [*method_overrides(m, cell_base), f"train.seed={s}"])
+                )
         # bad data fails here, before anything is written
         load_corpus(self.base.data.path, kind=self.base.data.kind)
         self._check_or_create()
@@ -193,7 +211,7 @@ class Sweep:
 
     # ------------------------------------------------------------------ running
     def run(self, progress: bool = True, log=print) -> dict[str, Any]:
-        jobs = [(m, s) for s in self.seeds for m in self.methods]
+        jobs = [(m, s) for s in self.seeds for m in self.labels]
         state = ckpt.read_json(self.out / SWEEP_FILE)
         session_times: list[float] = []
         for i, (method, seed) in enumerate(jobs, 1):
@@ -231,11 +249,12 @@ class Sweep:
 
     # ------------------------------------------------------------------ summary
     def summarize(self, wall: dict[str, float]) -> dict[str, Any]:
-        ks = sorted({k for k in self.base.eval.top_ks if k <= self.base.moe.num_experts})
+        limit = max(c.moe.num_experts for c in self.configs.values())
+        ks = sorted({k for k in self.base.eval.top_ks if k <= limit})
         methods: dict[str, Any] = {}
         curves: dict[str, list[tuple[int, float]]] = {}
         metric = None
-        for method in self.methods:
+        for method in self.labels:
             results, analyses, run_curves = [], [], []
             for seed in self.seeds:
                 run_dir = self.run_dir(method, seed)
@@ -247,9 +266,16 @@ class Sweep:
             dense = not self.configs[(method, self.seeds[0])].moe.layers
 
             def value(res: dict, k: int, key: str = "by_top_k", dense: bool = dense) -> float:
+                if not dense and str(k) not in res[key]:
+                    return float("nan")  # k above this cell's expert count
                 return res[key]["1"] if dense else res[key][str(k)]
 
+            cell = self.configs[(method, self.seeds[0])]
+
             methods[method] = {
+                "method": self.cells[method][0],
+                "num_experts": None if dense else cell.moe.num_experts,
+                "d_model": cell.model.d_model,
                 "dense": dense,
                 "by_top_k": {str(k): _stats([value(r, k) for r in results]) for k in ks},
                 "tokens_per_second": {
@@ -272,7 +298,8 @@ class Sweep:
             }
             curves[method] = _mean_curve(run_curves)
         best = {
-            str(k): min(methods, key=lambda m: methods[m]["by_top_k"][str(k)]["mean"]) for k in ks
+            str(k): min(methods, key=lambda m: _nan_last(methods[m]["by_top_k"][str(k)]["mean"]))
+            for k in ks
         }
         summary = {
             "metric": metric,
@@ -310,6 +337,63 @@ def _analysis_is_current(path: Path) -> bool:
         return False
     result = ckpt.read_json(path)
     return "note" in result or set(ANALYSIS_KEYS) <= set(result.get("means", {}))
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def _check_axis(flag: str, values: list[int] | None) -> None:
+    if values is None:
+        return
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise HyperRouterError(f"{flag} takes positive integers, got {values}")
+    if len(set(values)) != len(values):
+        raise HyperRouterError(f"{flag} lists a value twice: {values}")
+
+
+def grid_cells(
+    base: RunConfig, methods: list[str], experts: list[int] | None, sizes: list[int] | None
+) -> dict[str, tuple[str, int | None, int | None]]:
+    """label -> (method, E or None, d_model or None) for every cell of the grid."""
+    presets = method_presets()
+    cells: dict[str, tuple[str, int | None, int | None]] = {}
+    for method in methods:
+        spec = presets.get(method, {})
+        no_moe = "moe.layers" in spec.get("set", {}) and not spec["set"]["moe.layers"]
+        e_free = no_moe and not spec.get("d_inner_from_experts")
+        for d in sizes or [None]:
+            for e in [None] if (experts is None or e_free) else experts:
+                label = method + (f"-E{e}" if e else "") + (f"-d{d}" if d else "")
+                cells[label] = (method, e, d)
+    return cells
+
+
+def axis_overrides(base: RunConfig, experts: int | None, d_model: int | None) -> list[str]:
+    """`--set` overrides of one grid cell: the expert count and the scaled widths."""
+    out: list[str] = []
+    if experts is not None:
+        total = experts * base.moe.granularity
+        top_ks = [k for k in base.eval.top_ks if k <= total] or [1]
+        t = base.train
+        out += [
+            f"moe.num_experts={experts}",
+            f"eval.top_ks={json.dumps(top_ks)}",
+            f"train.top_k_min={min(t.top_k_min, total)}",
+            f"train.top_k_max={min(t.top_k_max, total)}",
+        ]
+    if d_model is not None:
+        m, g = base.model, base.moe.granularity
+        f = d_model / m.d_model
+        out += [
+            f"model.d_model={d_model}",
+            f"model.d_inner={max(1, round(m.d_inner * f))}",
+            f"model.d_head={max(1, round(m.d_head * f))}",
+            f"moe.d_expert={max(g, round(base.moe.d_expert * f / g) * g)}",
+        ]
+        if m.d_embed is not None:
+            out.append(f"model.d_embed={max(1, round(m.d_embed * f))}")
+    return out
 
 
 def _nan_if_none(value: float | None) -> float:
@@ -363,13 +447,13 @@ def table_markdown(summary: dict[str, Any]) -> str:
         cells += [f"{m['parameters']['trainable']:,}", f"{m['parameters']['total']:,}"]
         for k in ks:
             s = m["by_top_k"][str(k)]
-            text = f"{s['mean']:.4f} ± {s['std']:.4f}"
+            text = "-" if math.isnan(s["mean"]) else f"{s['mean']:.4f} ± {s['std']:.4f}"
             cells.append(f"**{text}**" if summary["best"][str(k)] == name else text)
         for key in (*ANALYSIS_KEYS, "dropped_fraction"):
             a = m["analysis"]
             value = None if a is None or key not in a else a[key]["mean"]
             cells.append("-" if value is None or math.isnan(value) else f"{value:.3f}")
-        cells += [f"{m['tokens_per_second'][str(k)]['mean']:,.0f}" for k in ks]
+        cells += [_speed(m["tokens_per_second"][str(k)]["mean"]) for k in ks]
         cells.append(f"{m['train_tokens_per_second']['mean']:,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = next(iter(summary["methods"].values()))["seeds"]
@@ -380,6 +464,10 @@ def table_markdown(summary: dict[str, Any]) -> str:
         f"validation tokens at the training k (mean over layers and seeds)."
     )
     return "\n".join(lines) + "\n"
+
+
+def _speed(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f}"
 
 
 def table_csv(summary: dict[str, Any]) -> str:
@@ -416,7 +504,9 @@ def run_compare(
     data: str | None = None,
     overrides: list[str] | None = None,
     progress: bool | None = None,
+    experts: list[int] | None = None,
+    sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     progress = sys.stderr.isatty() if progress is None else progress
-    sweep = Sweep(out, parse_methods(methods), seeds, base, data, overrides)
+    sweep = Sweep(out, parse_methods(methods), seeds, base, data, overrides, experts, sizes)
     return sweep.run(progress=progress)
