@@ -272,3 +272,16 @@ def test_analyze_reports_the_dropped_fraction_the_run_really_had(tmp_path, corpu
     train = [r for r in records if r["split"] == "train"]
     assert all(r["dropped_fraction"] >= 0.5 - 1e-9 for r in train)
     assert all(len(r["expert_load"]) == 2 and len(r["expert_load"][0]) == 4 for r in train)
+
+
+def test_off_node_fraction_on_a_constructed_case() -> None:
+    from hyperrouter.analysis.routing import off_node_fraction
+
+    # 4 experts on 2 nodes: experts 0, 1 on node 0; 2, 3 on node 1. Sequences 0 and 1.
+    ids = torch.tensor([[0, 2], [3, 1], [2, 3]])
+    seq = torch.tensor([0, 1, 1])
+    # token 0 (node 0): expert 2 off; token 1 (node 1): expert 1 off; token 2: both local
+    assert off_node_fraction(Routing(ids, torch.ones(3, 2)), seq, 4, 2) == pytest.approx(2 / 6)
+    keep = torch.tensor([[True, False], [True, True], [True, True]])
+    got = off_node_fraction(Routing(ids, torch.ones(3, 2), keep=keep), seq, 4, 2)
+    assert got == pytest.approx(1 / 5)  # dropped pairs move nothing

@@ -444,6 +444,12 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="PATH", help="corpus (default: the run's own)")
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/analysis)")
     p.add_argument("--tokens", type=int, default=8192, help="validation tokens to analyse")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=2,
+        help="virtual nodes for the off-node share (experts placed contiguously; default 2)",
+    )
     p.set_defaults(handler=_analyze)
 
 
@@ -454,15 +460,24 @@ def _analyze(args: argparse.Namespace) -> int:
         raise HyperRouterError(f"--tokens must be >= 1, got {args.tokens}")
     if args.out:
         check_writable(args.out, "--out", folder=True)
-    result = analyze_run(args.path, data=args.data, max_tokens=args.tokens, out_dir=args.out)
+    if args.nodes < 1:
+        raise HyperRouterError(f"--nodes must be >= 1, got {args.nodes}")
+    result = analyze_run(
+        args.path, data=args.data, max_tokens=args.tokens, out_dir=args.out, nodes=args.nodes
+    )
     if not result["layers"]:
         print(result["note"])
         return 0
-    print(f"{'layer':>5}  {'entropy':>8}  {'load CV':>8}  {'expert cos':>10}")
+    print(
+        f"{'layer':>5}  {'entropy':>8}  {'load CV':>8}  {'dropped':>8}  {'off-node':>8}  "
+        f"{'expert cos':>10}"
+    )
     for layer in result["layers"]:
+        entropy = layer["entropy_mean"]
         print(
-            f"{layer['layer']:>5}  {layer['entropy_mean']:>8.3f}  {layer['load_cv']:>8.3f}  "
-            f"{layer['expert_similarity']:>10.3f}"
+            f"{layer['layer']:>5}  {'-' if entropy is None else f'{entropy:.3f}':>8}  "
+            f"{layer['load_cv']:>8.3f}  {layer['dropped_fraction']:>8.3f}  "
+            f"{layer['off_node_fraction']:>8.3f}  {layer['expert_similarity']:>10.3f}"
         )
     return 0
 

@@ -4,8 +4,11 @@ Per MoE layer, on validation tokens at the training k (the schedule's final k), 
 the layer really did (its `MoEOutput`: router drops, capacity drops and all): router entropy
 (mean and histogram; absent for routers without logits), expert load and its coefficient of
 variation (of the kept assignments, and of each token's first choice, i.e. its highest-weight
-slot: at k = E the former is trivially 0), the dropped fraction, expert diversity (mean pairwise
-cosine similarity of expert outputs on the same tokens), and how the routing of the other kept
+slot: at k = E the former is trivially 0), the dropped fraction, the off-node share (kept pairs
+whose expert sits on another virtual node than the token, experts placed contiguously over
+`nodes` nodes, a token's node = its sequence mod nodes: what expert parallelism would move),
+the router's own diagnostics (`Routing.stats`), expert diversity (mean pairwise cosine
+similarity of expert outputs on the same tokens), and how the routing of the other kept
 checkpoints differs when their routers route the very same layer inputs. Writes analysis.json
 and plots.
 """
@@ -26,6 +29,7 @@ from hyperrouter.analysis.routing import (
     expert_similarity,
     first_choice,
     histogram,
+    off_node_fraction,
     routing_agreement,
 )
 from hyperrouter.moe import MoE, MoEOutput
@@ -49,6 +53,7 @@ class _Captured:
         self.logits: list[Tensor] = []
         self.token_ids: list[Tensor] = []
         self.sequence_ids: list[Tensor] = []
+        self.router_stats: dict[str, list[float]] = {}
         self.tokens = 0
 
     def ids_of(self, name: str) -> Tensor | None:
@@ -92,6 +97,8 @@ def _capture(layers: list[MoE], limit: int) -> tuple[list[_Captured], list]:
             c.keep.append(keep[:take].cpu())
             if r.logits is not None:
                 c.logits.append(r.logits[:take].detach().float().cpu())
+            for name, value in r.stats.items():
+                c.router_stats.setdefault(name, []).append(float(value))
             for name in ("token_ids", "sequence_ids"):
                 ids = kwargs.get(name)
                 if ids is not None:
@@ -142,6 +149,7 @@ def analyze_run(
     diversity_tokens: int = 256,
     out_dir: str | Path | None = None,
     make_plots: bool = True,
+    nodes: int = 2,
 ) -> dict[str, Any]:
     """Analyse the best all-experts checkpoint of a run; returns (and writes) analysis.json."""
     run = load_trained(path, "best_all_experts")
@@ -213,13 +221,19 @@ def analyze_run(
             entropy = entropy_per_token(routing.logits)
             entry["entropy_mean"] = float(entropy.mean())
             entry["entropy_histogram"] = histogram(entropy, ENTROPY_BINS, 0.0, max_entropy)
+        entry["off_node_fraction"] = off_node_fraction(
+            routing, cap.ids_of("sequence_ids"), num_experts, nodes
+        )
+        if cap.router_stats:  # the router's own diagnostics, averaged over the captured calls
+            entry["router_stats"] = {n: sum(v) / len(v) for n, v in cap.router_stats.items()}
         here = _route(layer, x.to(device), top_k, cap)
         for name, other_layers in others.items():
             there = _route(other_layers[index], x.to(device), top_k, cap)
             entry["checkpoint_changes"][name] = routing_agreement(here, there, num_experts)
         result["layers"].append(entry)
     result["means"] = {}
-    for key in (*ANALYSIS_KEYS, "dropped_fraction"):
+    result["nodes"] = nodes
+    for key in (*ANALYSIS_KEYS, "dropped_fraction", "off_node_fraction"):
         values = [layer[key] for layer in result["layers"] if layer[key] is not None]
         result["means"][key] = sum(values) / len(values) if values else None
     result["top_k"] = top_k

@@ -50,6 +50,25 @@ def expert_similarity(outputs_END: Tensor) -> float:
     return float(torch.stack(sims).mean())
 
 
+def off_node_fraction(
+    routing: Routing, sequence_ids: Tensor | None, num_experts: int, num_nodes: int
+) -> float:
+    """Share of the kept (token, slot) pairs whose expert sits on another (virtual) node than the
+    token: experts placed contiguously, node(e) = e * nodes // E; a token's home node is its
+    sequence id mod nodes (its position mod nodes without sequence ids). The communication an
+    expert-parallel layer over `num_nodes` nodes would pay, as LocMoE counts it."""
+    ids = routing.expert_ids
+    if ids.numel() == 0:
+        return 0.0
+    keep = routing.keep if routing.keep is not None else torch.ones_like(ids, dtype=torch.bool)
+    if sequence_ids is None:
+        sequence_ids = torch.arange(ids.shape[0])
+    home = torch.remainder(sequence_ids.long(), num_nodes).unsqueeze(1)
+    node = torch.div(ids * num_nodes, num_experts, rounding_mode="floor")
+    off = (node != home) & keep
+    return float(off.sum()) / max(int(keep.sum()), 1)
+
+
 def first_choice(routing: Routing) -> Tensor:
     """Each token's first choice: the expert of its highest-weight slot (kept or not): [T]."""
     if routing.expert_ids.shape[0] == 0:

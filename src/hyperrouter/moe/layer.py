@@ -39,7 +39,8 @@ class RoutingStats:
     entropy: mean over tokens of the entropy (nats) of the full router softmax over all E experts
     (None for routers without logits); dropped_fraction: the share of the call's T * k
     assignments that no expert computed (dropped by the router or the capacity limit; 0 when
-    every token got its k); backend: the expert backend that ran; top_k: the k used.
+    every token got its k); backend: the expert backend that ran; top_k: the k used;
+    extra: the router's own per-call diagnostics (`Routing.stats`).
     """
 
     tokens_per_expert: Tensor
@@ -47,6 +48,7 @@ class RoutingStats:
     dropped_fraction: Tensor
     backend: str
     top_k: int
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -503,4 +505,5 @@ def _routing_stats(
         torch.tensor(dropped, dtype=torch.float32, device=device),
         backend,
         top_k,
+        {name: value.detach() for name, value in routing.stats.items()},
     )

@@ -64,7 +64,9 @@ class Routing:
     the scores over all experts (None for routers without scores; statistics then skip entropy).
     aux_losses: this call's already-weighted auxiliary losses. keep [T, K] bool: pairs the router
     keeps (None = all; the layer combines it with the capacity limit). log_probs [T, K]: the
-    log-probability of sampled choices (policy-gradient routers).
+    log-probability of sampled choices (policy-gradient routers). stats: detached per-call
+    diagnostics (scalars, never added to the loss; e.g. LocMoE's off-node share), which the layer
+    reports in `RoutingStats.extra`, the trainer in metrics.jsonl and `analyze` per layer.
     """
 
     expert_ids: Tensor
@@ -73,6 +75,7 @@ class Routing:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     keep: Tensor | None = None
     log_probs: Tensor | None = None
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 def topk_softmax(logits_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

@@ -267,7 +267,11 @@ class LocMoERouter(LogitRouter):
             kept = ids_TK.numel() if keep_TK is None else int(keep_TK.sum())
             self.last_off_node_fraction = off_TK.sum().float() / max(kept, 1)
             self.last_min_capacity = min_cap
-        return Routing(ids_TK, weights_TK, logits_TE, aux, keep=keep_TK)
+        stats = {
+            "off_node_fraction": self.last_off_node_fraction,
+            "min_capacity": self.last_min_capacity.float(),
+        }
+        return Routing(ids_TK, weights_TK, logits_TE, aux, keep=keep_TK, stats=stats)
 
     def capacity_keep(self, ids_TK: Tensor, ctx: RoutingContext, min_cap: int) -> Tensor | None:
         """Keep mask of max(C_min, ceil(T k / E * factor)) per expert; None when unlimited."""

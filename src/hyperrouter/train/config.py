@@ -154,9 +154,7 @@ class RunConfig:
                 )
             too_big = [k for k in e.top_ks if k > experts or k < 1]
             if too_big:
-                raise HyperRouterError(
-                    f"eval.top_ks must be in [1, {label}], got {too_big}"
-                )
+                raise HyperRouterError(f"eval.top_ks must be in [1, {label}], got {too_big}")
         if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
             raise HyperRouterError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
         if t.amp not in ("none", "bf16"):

@@ -48,6 +48,7 @@ class StepResult:
     layer_load: list[list[int]] = field(default_factory=list)
     layer_entropy: list[float | None] = field(default_factory=list)
     dropped_fraction: float = 0.0
+    layer_router_stats: list[dict[str, float]] = field(default_factory=list)
 
 
 def training_step(
@@ -69,6 +70,7 @@ def training_step(
     aux_sums: dict[str, Tensor] = {}
     loads: list[Tensor | None] = [None] * len(layers)
     entropies: list[list[float]] = [[] for _ in layers]
+    extras: list[dict[str, list[float]]] = [{} for _ in layers]
     dropped: list[float] = []
     for run in chunks:
         res = run()
@@ -94,6 +96,8 @@ def training_step(
             loads[i] = counts if loads[i] is None else loads[i] + counts
             if out.stats.entropy is not None:
                 entropies[i].append(float(out.stats.entropy))
+            for name, value in out.stats.extra.items():
+                extras[i].setdefault(name, []).append(float(value))
             dropped.append(float(out.stats.dropped_fraction))
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -107,4 +111,5 @@ def training_step(
         layer_load=[[] if load is None else load.tolist() for load in loads],
         layer_entropy=[sum(e) / len(e) if e else None for e in entropies],
         dropped_fraction=sum(dropped) / len(dropped) if dropped else 0.0,
+        layer_router_stats=[{n: sum(v) / len(v) for n, v in e.items()} for e in extras],
     )

@@ -404,6 +404,7 @@ class _Window:
         self.load: list[list[int]] = []
         self.entropy: list[list[float]] = []
         self.dropped = 0.0
+        self.extra: list[dict[str, list[float]]] = []
 
     def add(self, result: StepResult, tokens: int, elapsed: float) -> None:
         self.loss += result.loss
@@ -420,6 +421,11 @@ class _Window:
             if result.layer_entropy[i] is not None:
                 self.entropy[i].append(result.layer_entropy[i])
         self.dropped += result.dropped_fraction
+        if not self.extra:
+            self.extra = [{} for _ in result.layer_router_stats]
+        for i, stats in enumerate(result.layer_router_stats):
+            for name, value in stats.items():
+                self.extra[i].setdefault(name, []).append(value)
 
     def routing_record(self) -> dict[str, Any]:
         """Per-name auxiliary losses (mean per step), and per MoE layer the expert load summed
@@ -438,6 +444,12 @@ class _Window:
             if known:
                 record["router_entropy"] = sum(known) / len(known)
             record["dropped_fraction"] = self.dropped / self.steps
+        names = sorted({n for layer in self.extra for n in layer})
+        if names:  # the routers' own diagnostics (e.g. LocMoE's off-node share), per layer
+            record["router_stats"] = {
+                n: [sum(layer[n]) / len(layer[n]) if n in layer else None for layer in self.extra]
+                for n in names
+            }
         return record
 
 
