@@ -285,3 +285,14 @@ def test_off_node_fraction_on_a_constructed_case() -> None:
     keep = torch.tensor([[True, False], [True, True], [True, True]])
     got = off_node_fraction(Routing(ids, torch.ones(3, 2), keep=keep), seq, 4, 2)
     assert got == pytest.approx(1 / 5)  # dropped pairs move nothing
+
+
+def test_dense_expert_method_is_the_scaling_law_dense_baseline() -> None:
+    base = load_config("quick")
+    made = load_config("quick", compare_mod.method_overrides("dense_expert", base))
+    assert made.moe.layers == [] and made.model.d_inner == base.moe.d_expert
+    cells = compare_mod.grid_cells(base, ["dense_expert", "hash"], [4, 8], [64, 128])
+    assert [c for c in cells if c.startswith("dense_expert")] == [
+        "dense_expert-d64",
+        "dense_expert-d128",
+    ]  # independent of E: once per size

@@ -96,6 +96,8 @@ def method_overrides(method: str, base: RunConfig) -> list[str]:
         settings.setdefault("moe.router_options", {})
     if spec.get("d_inner_from_experts"):
         settings["model.d_inner"] = base.moe.num_experts * base.moe.d_expert
+    if spec.get("d_inner_from_one_expert"):
+        settings["model.d_inner"] = base.moe.d_expert
     if "top_k" in spec:
         k = int(spec["top_k"])
         settings.update(
