@@ -296,3 +296,13 @@ def test_dense_expert_method_is_the_scaling_law_dense_baseline() -> None:
         "dense_expert-d64",
         "dense_expert-d128",
     ]  # independent of E: once per size
+
+
+def test_analyze_at_another_k(tmp_path, corpus, capsys) -> None:
+    run = tmp_path / "run"
+    train_run(config_from_dict(tiny_config(corpus)), run, progress=False, log=lambda _: None)
+    result = analyze_run(run, max_tokens=64, diversity_tokens=8, make_plots=False, top_k=1)
+    assert result["top_k"] == 1
+    assert all(sum(layer["tokens_per_expert"]) == layer["tokens"] for layer in result["layers"])
+    code = main(["analyze", str(run), "--top-k", "9", "--out", str(tmp_path / "a")])
+    assert code == 2 and "--top-k must be in [1, 4], got 9" in capsys.readouterr().err

@@ -450,6 +450,9 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         default=2,
         help="virtual nodes for the off-node share (experts placed contiguously; default 2)",
     )
+    p.add_argument(
+        "--top-k", type=int, help="k to analyse the routing at (default: the training k)"
+    )
     p.set_defaults(handler=_analyze)
 
 
@@ -463,7 +466,12 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise HyperRouterError(f"--nodes must be >= 1, got {args.nodes}")
     result = analyze_run(
-        args.path, data=args.data, max_tokens=args.tokens, out_dir=args.out, nodes=args.nodes
+        args.path,
+        data=args.data,
+        max_tokens=args.tokens,
+        out_dir=args.out,
+        nodes=args.nodes,
+        top_k=args.top_k,
     )
     if not result["layers"]:
         print(result["note"])

@@ -32,6 +32,7 @@ from hyperrouter.analysis.routing import (
     off_node_fraction,
     routing_agreement,
 )
+from hyperrouter.errors import HyperRouterError
 from hyperrouter.moe import MoE, MoEOutput
 from hyperrouter.routers import Routing, RoutingContext
 from hyperrouter.train import checkpoint as ckpt
@@ -150,6 +151,7 @@ def analyze_run(
     out_dir: str | Path | None = None,
     make_plots: bool = True,
     nodes: int = 2,
+    top_k: int | None = None,
 ) -> dict[str, Any]:
     """Analyse the best all-experts checkpoint of a run; returns (and writes) analysis.json."""
     run = load_trained(path, "best_all_experts")
@@ -167,7 +169,10 @@ def analyze_run(
         _write(out, result)
         return result
     corpus = load_matching_corpus(run, data)
-    top_k = config.train_top_k(config.train.steps)
+    if top_k is None:  # the training k (the schedule's final k)
+        top_k = config.train_top_k(config.train.steps)
+    elif not 1 <= top_k <= model.num_experts:
+        raise HyperRouterError(f"--top-k must be in [1, {model.num_experts}], got {top_k}")
     device = next(model.parameters()).device
     captured, handles = _capture(layers, max_tokens)
     batches = max(1, -(-max_tokens // (config.eval.batch_size * config.eval.tgt_len)))
