@@ -87,3 +87,17 @@ def test_expert_dropout_only_in_training_and_weights_stay_normalised() -> None:
     assert (ev > 0).all()
     with pytest.raises(HyperRouterError, match="expert_dropout must be a number in"):
         MoE(D, E, H, 1, router="smear", router_options={"expert_dropout": 1.0})
+
+
+def test_one_hot_router_probabilities_run_that_single_expert() -> None:
+    from hyperrouter.moe.dispatch import merge_dispatch
+    from hyperrouter.routers import Routing
+
+    torch.manual_seed(0)
+    layer = MoE(D, E, H, 1, router="smear").eval()
+    x = torch.randn(5, D)
+    for e in range(E):
+        ids = torch.arange(E).expand(5, -1)
+        weights = torch.nn.functional.one_hot(torch.full((5,), e), E).float()
+        y = merge_dispatch(layer.experts, x, Routing(ids, weights), None, "auto", x.dtype, False)
+        torch.testing.assert_close(y, layer.experts.expert_forward(e, x), rtol=1e-5, atol=1e-6)
