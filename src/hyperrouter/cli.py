@@ -15,6 +15,7 @@ from pathlib import Path
 from hyperrouter.errors import HyperRouterError
 
 EXIT_USER_ERROR = 2
+EXIT_DISTRIBUTED = 3
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -208,7 +209,39 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--list-configs", action="store_true", help="list presets and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_distributed_flags(p)
     p.set_defaults(handler=_train)
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "distributed (under torchrun --nproc_per_node N -m hyperrouter ...; docs/DISTRIBUTED.md)"
+    )
+    group.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="spread every MoE layer's experts over groups of P ranks (P divides the world size "
+        "and the number of experts; default 1: data parallelism only)",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="collective timeout: a rank that dies or hangs stops the job after at most this "
+        "long (default 300)",
+    )
+
+
+def _start_distributed(args: argparse.Namespace, device: str) -> None:
+    """Join torchrun's process group (a no-op without torchrun)."""
+    from hyperrouter import distributed
+
+    distributed.init_from_env(
+        device, expert_parallel=args.expert_parallel, timeout_s=args.dist_timeout
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -226,13 +259,28 @@ def _train(args: argparse.Namespace) -> int:
     config = None
     if not args.resume:
         config = load_config(args.config, overrides)
-    elif (args.config or overrides) and Path(args.out, "config.json").is_file():
-        config = resume_config(read_json(Path(args.out, "config.json")), args.config, overrides)
-    out = args.out or _fresh_dir(f"runs/{config.name}")
-    check_writable(out, "--out", folder=True)
+    _start_distributed(args, config.train.device if config is not None else "auto")
+    from hyperrouter import distributed
+
+    if args.resume and (args.config or overrides):
+        config = distributed.on_main(
+            lambda: (
+                resume_config(read_json(Path(args.out, "config.json")), args.config, overrides)
+                if Path(args.out, "config.json").is_file()
+                else None
+            )
+        )
+
+    def output_folder() -> str:
+        out = args.out or _fresh_dir(f"runs/{config.name}")
+        check_writable(out, "--out", folder=True)
+        return out
+
+    out = distributed.on_main(output_folder)
     results = train_run(config, out, resume=args.resume, progress=not args.no_progress)
-    print(_results_table(results))
-    print(f"results: {out}/results.json")
+    if distributed.current().is_main:
+        print(_results_table(results))
+        print(f"results: {out}/results.json")
     return 0
 
 
@@ -332,6 +380,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    _refuse_torchrun("finetune")
     from hyperrouter.data.tasks import TASKS
     from hyperrouter.train.config import list_presets
     from hyperrouter.train.finetune import finetune_run, load_finetune_config
@@ -411,6 +460,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    _refuse_torchrun("compare")
     from hyperrouter.analysis.compare import run_compare
 
     check_writable(args.out, "--out", folder=True)
@@ -611,8 +661,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HyperRouterError as err:
         if args.debug:
             raise
-        print(f"hyperrouter: error: {err}", file=sys.stderr)
+        print(f"hyperrouter: error: {_rank_prefix()}{err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RuntimeError as err:  # torch.distributed's errors (DistError) are RuntimeErrors
+        if args.debug or not _distributed_error(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"hyperrouter: error: {_rank_prefix()}distributed training stopped: {first} "
+            f"(another rank died, hung past --dist-timeout, or cannot be reached)",
+            file=sys.stderr,
+        )
+        return EXIT_DISTRIBUTED
     except OSError as err:  # a path the user gave cannot be read or written
         if args.debug:
             raise
@@ -621,6 +681,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hyperrouter: interrupted", file=sys.stderr)
         return 130
+    finally:
+        module = sys.modules.get("hyperrouter.distributed")
+        if module is not None:
+            module.shutdown()
+
+
+def _refuse_torchrun(command: str) -> None:
+    if all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        raise HyperRouterError(
+            f"hyperrouter {command} does not run under torchrun yet: launch `hyperrouter train` "
+            f"under torchrun (one run per launch), see docs/DISTRIBUTED.md"
+        )
+
+
+def _rank_prefix() -> str:
+    module = sys.modules.get("hyperrouter.distributed")
+    if module is None or not module.current().enabled:
+        return ""
+    return f"rank {module.current().rank}: "
+
+
+def _distributed_error(err: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    from hyperrouter import distributed
+
+    return distributed.current().enabled  # gloo reports a lost peer as a plain RuntimeError
 
 
 def entry_point() -> None:

@@ -67,6 +67,9 @@ class Routing:
     log-probability of sampled choices (policy-gradient routers). stats: detached per-call
     diagnostics (scalars, never added to the loss; e.g. LocMoE's off-node share), which the layer
     reports in `RoutingStats.extra`, the trainer in metrics.jsonl and `analyze` per layer.
+    saved: tensors with a graph that the router's after-forward hook (`token_loss_terms`) uses;
+    they travel in the model's output so that data-parallel wrappers (DistributedDataParallel's
+    search for unused parameters) see every parameter the hook's losses depend on.
     """
 
     expert_ids: Tensor
@@ -76,6 +79,7 @@ class Routing:
     keep: Tensor | None = None
     log_probs: Tensor | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
+    saved: dict[str, Tensor] = field(default_factory=dict)
 
 
 def topk_softmax(logits_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

@@ -184,6 +184,7 @@ class ReinforceRouter(Router):
         routing = Routing(ids_TK, weights_TK, logits_TE, aux, log_probs=log_probs_TK)
         if ctx.training:
             baseline_T = self._linear(self.baseline, x32_TD.detach()).squeeze(-1)
+            routing.saved["baseline"] = baseline_T  # reachable from the model output (DDP)
             self._pending = (routing, baseline_T)
         return routing
 

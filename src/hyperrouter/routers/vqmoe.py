@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch import distributed as dist
 
 from hyperrouter.routers.base import Router, Routing, RoutingContext, check_option, register_router
 from hyperrouter.routers.losses import at_least_fp32
@@ -139,8 +140,18 @@ class VQRouter(Router):
 
     @torch.no_grad()
     def optimizer_step(self, load_E: Tensor, step: int) -> None:
-        """EMA codebook update from the tokens each code received since the last step."""
-        if self.ema_decay is None or self._step_sums is None:
+        """EMA codebook update from the tokens each code received since the last step (on every
+        rank of torch.distributed, summed over the ranks; dead-code restarts drawn on rank 0)."""
+        if self.ema_decay is None:
+            return
+        ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if ranks:  # every rank takes part, also one that routed no token since the last step
+            if self._step_sums is None:
+                self._step_sums = torch.zeros_like(self.ema_sum)
+                self._step_counts = torch.zeros_like(self.ema_count)
+            dist.all_reduce(self._step_sums)
+            dist.all_reduce(self._step_counts)
+        elif self._step_sums is None:
             return
         decay = self.ema_decay
         self.ema_count.mul_(decay).add_(self._step_counts, alpha=1 - decay)
@@ -148,14 +159,26 @@ class VQRouter(Router):
         total = self.ema_count.sum()
         smoothed = (self.ema_count + 1e-5) / (total + self.codebook_size * 1e-5) * total
         self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
-        if self.dead_code_threshold > 0 and self._step_sample is not None:
+        if self.dead_code_threshold > 0:
             dead = (self.ema_count < self.dead_code_threshold).nonzero(as_tuple=True)[0]
-            if dead.numel() and self._step_sample.shape[0]:
-                pick = torch.randint(
-                    self._step_sample.shape[0], (dead.numel(),), device=dead.device
-                )
-                fresh = self._step_sample[pick].to(self.codebook.dtype)
-                self.codebook[dead] = fresh
-                self.ema_sum[dead] = fresh
-                self.ema_count[dead] = 1.0
+            sample = self._step_sample
+            if ranks:  # every rank restarts the same codes at rank 0's tokens
+                have = torch.tensor([0 if sample is None else sample.shape[0]], device=dead.device)
+                dist.broadcast(have, src=0)
+                if dead.numel() and int(have):
+                    fresh = torch.empty(dead.numel(), self.codebook.shape[1], device=dead.device)
+                    if dist.get_rank() == 0:
+                        pick = torch.randint(sample.shape[0], (dead.numel(),), device=dead.device)
+                        fresh = sample[pick].to(fresh.dtype)
+                    dist.broadcast(fresh, src=0)
+                    self._restart(dead, fresh)
+            elif dead.numel() and sample is not None and sample.shape[0]:
+                pick = torch.randint(sample.shape[0], (dead.numel(),), device=dead.device)
+                self._restart(dead, sample[pick])
         self._step_sums = self._step_counts = self._step_sample = None
+
+    def _restart(self, dead: Tensor, fresh: Tensor) -> None:
+        fresh = fresh.to(self.codebook.dtype)
+        self.codebook[dead] = fresh
+        self.ema_sum[dead] = fresh
+        self.ema_count[dead] = 1.0

@@ -15,6 +15,7 @@ from torch import Tensor
 from hyperrouter.data.corpus import Corpus, load_corpus
 from hyperrouter.data.iterators import LMOrderedIterator
 from hyperrouter.data.vocab import Vocab
+from hyperrouter.distributed import all_reduce_sum
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.models.transformer_xl import TransformerXL
 from hyperrouter.train import checkpoint as ckpt
@@ -79,10 +80,15 @@ def evaluate(
     max_batches: int | None = None,
     amp: str = "none",
     on_batch=None,
+    shard: tuple[int, int] | None = None,
 ) -> EvalResult:
     """Mean NLL (nats/token) over `data` in order, with recurrence memory, at `top_k` experts.
 
-    `on_batch(output)` is called with every LMOutput (for routing statistics).
+    `on_batch(output)` is called with every LMOutput (for routing statistics). `shard` = (rank,
+    world size) splits the batch columns over the ranks of torch.distributed (every rank runs the
+    same batches, on its own columns, with its own memory) and sums the loss over them: the result
+    is the single-process one up to the order of the sums (and, for routers that decide over a
+    whole call, such as expert choice, up to their per-call decisions).
     """
     was_training, old_k, old_mem = model.training, model.top_k, model.mem_len
     model.eval()
@@ -90,6 +96,15 @@ def evaluate(
     if top_k is not None and model.moe_layers():
         model.set_top_k(top_k)
     iterator = LMOrderedIterator(data, batch_size, tgt_len, device=device)
+    columns = None
+    if shard is not None and shard[1] > 1:
+        rank, world = shard
+        if batch_size < world:
+            raise HyperRouterError(
+                f"eval.batch_size {batch_size} is smaller than the {world} ranks: every rank "
+                f"needs at least one column"
+            )
+        columns = torch.tensor_split(torch.arange(batch_size, device=device), world)[rank]
     total, count, mems = 0.0, 0, []
     start = time.perf_counter()
     try:
@@ -97,6 +112,8 @@ def evaluate(
             if max_batches is not None and i >= max_batches:
                 break
             inp, target, _ = iterator.get_batch(i)
+            if columns is not None:
+                inp, target = inp[:, columns], target[:, columns]
             with autocast(device, amp):
                 out = model(inp, target, mems)
             mems = out.mems
@@ -109,6 +126,11 @@ def evaluate(
         if old_k is not None:
             model.set_top_k(old_k)
         model.train(was_training)
+    if columns is not None:
+        sums = all_reduce_sum(
+            torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        )
+        total, count = float(sums[0]), int(sums[1])
     return EvalResult(total / max(count, 1), count, time.perf_counter() - start)
 
 
@@ -209,11 +231,12 @@ def evaluate_at_ks(
     device: torch.device,
     on_result=None,
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """BPC/perplexity and inference tokens/s of `model` on `data` at every k (keys are str(k)).
 
     `on_result(k, EvalResult)` is called after each k (the trainer logs it). `progress` shows a
-    bar over all k values and batches on stderr."""
+    bar over all k values and batches on stderr. `shard`: as in `evaluate`."""
     from tqdm.auto import tqdm
 
     batches = len(LMOrderedIterator(data, config.eval.batch_size, config.eval.tgt_len))
@@ -234,6 +257,7 @@ def evaluate_at_ks(
                 device=device,
                 amp=config.train.amp,
                 on_batch=lambda _: bar.update(1),
+                shard=shard,
             )
             by_k[str(k)] = metric_value(result.loss, kind)
             speed[str(k)] = result.tokens_per_second

@@ -10,12 +10,17 @@
     for every MoE layer: layer.optimizer_step(step)        (state updated from the step's load)
 
 The per-step hook runs exactly once per optimizer step, after gradient accumulation, and never in
-evaluation (evaluation does not go through here).
+evaluation (evaluation does not go through here). Under data parallelism (DistributedDataParallel)
+`no_sync` is the wrapper's context manager: every chunk but the last accumulates its gradients
+locally and the last chunk's backward averages them over the ranks; `after_backward` then runs
+(expert-parallel gradients, averaged over their own group), before clipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +64,8 @@ def training_step(
     step: int,
     clip: float,
     params: list[nn.Parameter],
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> StepResult:
     """Run the chunks' forwards and backwards, one optimizer step, and the routers' hooks."""
     layers = moe_layers(model)
@@ -72,22 +79,10 @@ def training_step(
     entropies: list[list[float]] = [[] for _ in layers]
     extras: list[dict[str, list[float]]] = [{} for _ in layers]
     dropped: list[float] = []
-    for run in chunks:
-        res = run()
-        loss = res.loss.float()
-        total = loss + res.aux_loss if res.aux_loss.requires_grad else loss
-        named: dict[str, Tensor] = {}
-        for out in res.moe_outputs:
-            for name, value in out.aux_losses.items():
-                named[name] = named[name] + value if name in named else value
-        if res.token_loss is not None:
-            for layer in layers:
-                for name, value in layer.token_loss_terms(res.token_loss).items():
-                    total = total + value
-                    named[name] = named[name] + value if name in named else value
-        for name, value in named.items():
-            aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float()
-        (total / n).backward()
+    for index, run in enumerate(chunks):
+        last = index == n - 1
+        with contextlib.nullcontext() if no_sync is None or last else no_sync():
+            res = _chunk_backward(run, layers, n, aux_sums)
         loss_sum += float(res.loss.detach())
         for i, out in enumerate(res.moe_outputs):
             if out.stats is None:
@@ -99,6 +94,8 @@ def training_step(
             for name, value in out.stats.extra.items():
                 extras[i].setdefault(name, []).append(float(value))
             dropped.append(float(out.stats.dropped_fraction))
+    if after_backward is not None:
+        after_backward()
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
@@ -113,3 +110,25 @@ def training_step(
         dropped_fraction=sum(dropped) / len(dropped) if dropped else 0.0,
         layer_router_stats=[{n: sum(v) / len(v) for n, v in e.items()} for e in extras],
     )
+
+
+def _chunk_backward(
+    run: Callable[[], ChunkResult], layers: list, n: int, aux_sums: dict[str, Tensor]
+) -> ChunkResult:
+    """One chunk's forward, its routers' token-loss terms, and backward of its share of the loss."""
+    res = run()
+    loss = res.loss.float()
+    total = loss + res.aux_loss if res.aux_loss.requires_grad else loss
+    named: dict[str, Tensor] = {}
+    for out in res.moe_outputs:
+        for name, value in out.aux_losses.items():
+            named[name] = named[name] + value if name in named else value
+    if res.token_loss is not None:
+        for layer in layers:
+            for name, value in layer.token_loss_terms(res.token_loss).items():
+                total = total + value
+                named[name] = named[name] + value if name in named else value
+    for name, value in named.items():
+        aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float()
+    (total / n).backward()
+    return res

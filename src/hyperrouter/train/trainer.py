@@ -3,6 +3,16 @@
 text -> corpus -> ordered segments -> Transformer-XL (+ MoE) -> loss (+ aux) -> Adam, cosine LR,
 grad clip, progressive top-k -> periodic validation (training k and all experts) -> checkpoints
 -> final test at every inference k -> results.json.
+
+The batch's `batch_size` columns (contiguous parts of the stream) are cut into G =
+`train.batch_chunk` chunks, each with its own forward, backward and memory, and chunk g gets its
+own random seed (seed, step, g). Under torchrun (`hyperrouter.distributed`) the same loop runs on
+every rank, rank r takes the chunks [r G / W, (r + 1) G / W) (G is raised to the next multiple of
+the W ranks, with a log line, when it is not one), and the model is wrapped in
+DistributedDataParallel. A run therefore computes the same thing on any number of ranks that
+divides G, up to the order of the floating-point sums. Memories, metrics, validation and the
+final test are reduced over the ranks; only rank 0 writes into the run folder, which every rank
+must see (one machine or a shared file system).
 """
 
 from __future__ import annotations
@@ -15,9 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from hyperrouter import distributed
 from hyperrouter.data.corpus import Corpus, load_corpus
 from hyperrouter.data.iterators import LMOrderedIterator
 from hyperrouter.errors import HyperRouterError
@@ -56,17 +68,17 @@ class Run:
         log=print,
     ) -> None:
         self.out_dir = Path(out_dir)
-        self.progress = progress
-        self.log = log
+        self.dist = distributed.current()
+        self.main = self.dist.is_main
+        self.progress = progress and self.main
+        self.log = log if self.main else (lambda *_: None)
         if resume:
-            config = self._resumed_config(config)
-        elif self.out_dir.exists() and any(self.out_dir.iterdir()):
-            raise HyperRouterError(
-                f"{self.out_dir} already holds files; use --resume to continue that run or "
-                f"choose another --out"
-            )
+            config = distributed.on_main(lambda: self._resumed_config(config))
+        else:
+            distributed.on_main(self._check_fresh_out_dir)
         self.config = config.validate()
-        self.device = pick_device(config.train.device)
+        self.device = self.dist.device if self.dist.enabled else pick_device(config.train.device)
+        self._check_layout()
         # everything that can fail on bad input happens before the run directory is created
         self.corpus: Corpus = load_corpus(config.data.path, kind=config.data.kind)
         self.kind = self.corpus.kind
@@ -93,8 +105,51 @@ class Run:
             self._restore()
         else:
             self._create()
+        self.forward_model = self._wrap_data_parallel()
 
-    # ---------------------------------------------------------------- run directory
+    def _check_fresh_out_dir(self) -> None:
+        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+            raise HyperRouterError(
+                f"{self.out_dir} already holds files; use --resume to continue that run or "
+                f"choose another --out"
+            )
+
+    def _check_layout(self) -> None:
+        """The global chunks (train.batch_chunk, raised to a multiple of the ranks) and this
+        rank's share of them; under torchrun the batch must split into equal chunks."""
+        world, chunks = self.dist.world_size, self.config.train.batch_chunk
+        batch = self.config.train.batch_size
+        self.global_chunks = -(-chunks // world) * world
+        self.local_chunks = self.global_chunks // world
+        if self.global_chunks != chunks:
+            self.log(
+                f"train.batch_chunk {chunks} -> {self.global_chunks} chunks, "
+                f"{self.local_chunks} per rank on {world} ranks (the same results as one process "
+                f"with batch_chunk {self.global_chunks})"
+            )
+        if world > 1 and batch % self.global_chunks:
+            raise HyperRouterError(
+                f"train.batch_size {batch} does not split into {self.global_chunks} equal chunks "
+                f"over {world} ranks (train.batch_chunk {chunks})"
+            )
+
+    def _wrap_data_parallel(self) -> torch.nn.Module:
+        """DistributedDataParallel over all ranks (the model itself when single-process).
+        Experts can get no token in a step and routers may use some parameters only on some calls:
+        unused parameters are searched for every step. Buffers are not broadcast: the routers
+        keep theirs in step by reducing their statistics over the ranks."""
+        if not self.dist.enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = self.device.type == "cuda"
+        return DistributedDataParallel(
+            self.model,
+            device_ids=[self.device] if cuda else None,
+            find_unused_parameters=True,
+            broadcast_buffers=False,
+        )  # ---------------------------------------------------------------- run directory
+
     def _resumed_config(self, config: RunConfig | None) -> RunConfig:
         stored = self.out_dir / "config.json"
         if not stored.is_file():
@@ -118,6 +173,17 @@ class Run:
             counts = torch.bincount(self.corpus.train.reshape(-1), minlength=len(self.corpus.vocab))
             for router in routers:
                 router.fit_token_counts(counts)
+        distributed.on_main(self._write_new_run)
+        self._check_visible()
+
+    def _check_visible(self) -> None:
+        if not (self.out_dir / "config.json").is_file():
+            raise HyperRouterError(
+                f"rank {self.dist.rank}: {self.out_dir} (written by rank 0) is not visible here: "
+                f"put --out on a file system every rank sees"
+            )
+
+    def _write_new_run(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json_atomic(self.out_dir / "config.json", self.config.to_dict())
         summary = parameter_summary(self.model)
@@ -144,19 +210,26 @@ class Run:
             "tokens": {s: int(getattr(c, s).numel()) for s in ("train", "valid", "test")},
         }
 
-    def _restore(self) -> None:
+    def _latest_checkpoint(self) -> str | None:
         index = ckpt.read_index(self.out_dir)
         if "latest" not in index:
-            self.log(f"no checkpoint in {self.out_dir} yet: starting from step 0")
-            self._create()
-            return
+            return None
         run = ckpt.read_json(self.out_dir / RUN_FILE)
         if run["corpus"]["content_hash"] != self.corpus.content_hash:
             raise HyperRouterError(
                 f"--resume: the data differs from the corpus {self.out_dir} was trained on "
                 f"({run['corpus']['source']})"
             )
-        folder = self.out_dir / "checkpoints" / index["latest"]
+        return index["latest"]
+
+    def _restore(self) -> None:
+        latest = distributed.on_main(self._latest_checkpoint)
+        if latest is None:
+            self.log(f"no checkpoint in {self.out_dir} yet: starting from step 0")
+            self._create()
+            return
+        self._check_visible()
+        folder = self.out_dir / "checkpoints" / latest
         meta = ckpt.read_json(folder / ckpt.TRAINER_FILE)
         ckpt.load_weights(self.model, folder)
         ckpt.restore_optimizer(self.optimizer, folder, meta)
@@ -166,15 +239,25 @@ class Run:
         self.best = trainer["best"]
         self.train_tokens = trainer["train_tokens"]
         self.train_seconds = trainer["train_seconds"]
-        self.mems = [
-            [state[f"mems.{c}.{i}"].to(self.device) for i in range(n)]
-            for c, n in enumerate(trainer["num_mems"])
-        ]
-        torch.set_rng_state(state["rng.cpu"])
-        if self.device.type == "cuda" and "rng.cuda" in state:
-            torch.cuda.set_rng_state(state["rng.cuda"], self.device)
-        self._truncate_metrics(self.step)
+        self.mems = self._local_mems(state, trainer["num_mems"])
+        if self.main:
+            self._truncate_metrics(self.step)
         self.log(f"resuming {self.out_dir} from step {self.step}")
+
+    def _local_mems(self, state: dict[str, Tensor], num_mems: list[int]) -> list[list[Tensor]]:
+        """This rank's memories from a checkpoint written by any number of ranks and chunks:
+        each layer's memory of every column is put together ([mem_len, batch_size, d]) and cut
+        again into this run's chunks."""
+        layers = max(num_mems, default=0)
+        if layers == 0 or any(n != layers for n in num_mems):
+            return []
+        full = [
+            torch.cat([state[f"mems.{c}.{i}"] for c in range(len(num_mems))], dim=1)
+            for i in range(layers)
+        ]
+        parts = [m.chunk(self.global_chunks, dim=1) for m in full]
+        first = self.dist.rank * self.local_chunks
+        return [[p[first + c].to(self.device) for p in parts] for c in range(self.local_chunks)]
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines a killed run wrote after its last checkpoint."""
@@ -191,14 +274,29 @@ class Run:
         path.write_text("".join(f"{line}\n" for line in keep))
 
     def _metric(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _save(self, **pointers: str) -> None:
-        state = {f"mems.{c}.{i}": m for c, mems in enumerate(self.mems) for i, m in enumerate(mems)}
-        state["rng.cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        """Checkpoint (rank 0 writes; every rank takes part in gathering the memories). The
+        memories are stored per layer for all columns at once (`mems.0.i`, [mem_len, batch, d])
+        so that any number of ranks and chunks can resume from them."""
+        layers = {len(m) for m in self.mems}
+        if len(layers) == 1 and layers != {0}:
+            full = [torch.cat([m[i] for m in self.mems], dim=1) for i in range(layers.pop())]
+            full = [distributed.all_gather_batch(m) for m in full]
+            state = {f"mems.0.{i}": m for i, m in enumerate(full)}
+            num_mems = [len(full)]
+        else:
+            state, num_mems = {}, [0]
+        if self.main:
+            self._write_checkpoint(state, num_mems, pointers)
+
+    def _write_checkpoint(
+        self, state: dict[str, Tensor], num_mems: list[int], pointers: dict[str, str]
+    ) -> None:
         name = ckpt.save_checkpoint(
             self.out_dir,
             self.step,
@@ -209,7 +307,7 @@ class Run:
                 "best": self.best,
                 "train_tokens": self.train_tokens,
                 "train_seconds": self.train_seconds,
-                "num_mems": [len(m) for m in self.mems],
+                "num_mems": num_mems,
                 "top_k": self.model.top_k,
             },
             optimizer=self.optimizer,
@@ -246,7 +344,17 @@ class Run:
                 step=self.step,
                 clip=t.clip,
                 params=trainable_parameters(model),
+                no_sync=getattr(self.forward_model, "no_sync", None),
             )
+            if self.dist.enabled:  # the same loss on every rank: all stop together on divergence
+                result.loss = (
+                    float(
+                        distributed.all_reduce_sum(torch.tensor([result.loss], device=self.device))[
+                            0
+                        ]
+                    )
+                    / self.dist.world_size
+                )
             loss_value = result.loss
             if not math.isfinite(loss_value):
                 raise HyperRouterError(
@@ -270,7 +378,9 @@ class Run:
                     "top_k": k,
                     "lr": lr,
                     "tokens_per_second": window.tokens / max(window.time, 1e-9),
-                    **window.routing_record(),
+                    **_merge_routing_records(
+                        distributed.all_gather_objects(window.routing_record())
+                    ),
                 }
                 self._metric(record)
                 bar.set_postfix(
@@ -286,23 +396,26 @@ class Run:
         return self.final_test()
 
     def _chunks(self, inp: Tensor, target: Tensor) -> list[Callable[[], ChunkResult]]:
-        """One batch as `train.batch_chunk` column chunks (each with its own memory), so that big
-        batches fit in little memory; each chunk's forward is run by the training step."""
-        chunks = self.config.train.batch_chunk
+        """This rank's column chunks of the batch (each with its own memory), so that big batches
+        fit in little memory and spread over ranks; each chunk's forward is run by the training
+        step, with the random seed of its global chunk index."""
+        chunks = self.local_chunks
+        first = self.dist.rank * chunks
         if not self.mems:
             self.mems = [[] for _ in range(chunks)]
+        inp_parts = inp.chunk(self.global_chunks, dim=1)[first : first + chunks]
+        target_parts = target.chunk(self.global_chunks, dim=1)[first : first + chunks]
 
         def forward(i: int, inp_i: Tensor, target_i: Tensor) -> ChunkResult:
+            torch.manual_seed(chunk_seed(self.config.train.seed, self.step, first + i))
             with autocast(self.device, self.config.train.amp):
-                out = self.model(inp_i, target_i, self.mems[i])
+                out = self.forward_model(inp_i, target_i, self.mems[i])
             self.mems[i] = out.mems
             return ChunkResult(out.loss, out.aux_loss, out.nll, out.moe_outputs)
 
         return [
             functools.partial(forward, i, inp_i, target_i)
-            for i, (inp_i, target_i) in enumerate(
-                zip(inp.chunk(chunks, dim=1), target.chunk(chunks, dim=1))
-            )
+            for i, (inp_i, target_i) in enumerate(zip(inp_parts, target_parts))
         ]
 
     def _validate(self, k: int | None, metric: str, bar) -> None:
@@ -323,6 +436,7 @@ class Run:
                 device=self.device,
                 max_batches=cfg.eval.max_valid_batches,
                 amp=cfg.train.amp,
+                shard=self._shard,
             )
             for top_k in dict.fromkeys(kinds.values())
         }
@@ -351,15 +465,22 @@ class Run:
             line = f"{values[experts]:.4f} at all {experts} experts"
             if k != experts:
                 line = f"{values[k]:.4f} at k={k}, {line}"
-        bar.write(f"step {self.step}: valid {metric} {line}")
+        if self.main:
+            bar.write(f"step {self.step}: valid {metric} {line}")
         if not self.model.moe_layers():
             pointers["best_all_experts"] = pointers.get("best_train_k", False)
         self._save(**{name: "" for name, better in pointers.items() if better})
 
+    @property
+    def _shard(self) -> tuple[int, int] | None:
+        return (self.dist.rank, self.dist.world_size) if self.dist.enabled else None
+
     def final_test(self) -> dict[str, Any]:
         """Test at every inference k with the best all-experts checkpoint (as the reference)."""
         cfg = self.config
-        folder = ckpt.resolve_checkpoint(self.out_dir, "best_all_experts")
+        folder = distributed.on_main(
+            lambda: ckpt.resolve_checkpoint(self.out_dir, "best_all_experts")
+        )
         model = cfg.build_model(len(self.corpus.vocab)).to(self.device)
         ckpt.load_weights(model, folder)
         ks = inference_ks(model, cfg)
@@ -380,6 +501,7 @@ class Run:
             self.device,
             on_result=log_test,
             progress=self.progress,
+            shard=self._shard,
         )
         speed["train"] = self.train_tokens / max(self.train_seconds, 1e-9)
         results = {
@@ -391,8 +513,57 @@ class Run:
             "steps": self.step,
             "parameters": parameter_summary(model).as_dict(),
         }
-        ckpt.write_json_atomic(self.out_dir / "results.json", results)
+        if self.main:
+            ckpt.write_json_atomic(self.out_dir / "results.json", results)
         return results
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    """The random seed of global chunk `chunk` at training step `step` (dropout, sampling
+    routers): a pure function of the three, so it does not depend on how chunks are laid out over
+    ranks, nor on where a run was resumed."""
+    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _merge_routing_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One routing record from every rank's (`_Window.routing_record`): losses, entropies,
+    dropped fractions and router statistics averaged over the ranks, expert loads summed."""
+    if len(records) == 1:
+        return records[0]
+    merged: dict[str, Any] = {}
+    first = records[0]
+    n = len(records)
+    if "aux_loss" in first:
+        merged["aux_loss"] = sum(r["aux_loss"] for r in records) / n
+        names = sorted({name for r in records for name in r["aux_losses"]})
+        merged["aux_losses"] = {
+            name: sum(r["aux_losses"].get(name, 0.0) for r in records) / n for name in names
+        }
+    if "expert_load" in first:
+        merged["expert_load"] = [
+            [sum(values) for values in zip(*layers)]
+            for layers in zip(*(r["expert_load"] for r in records))
+        ]
+        merged["router_entropy_by_layer"] = [
+            None if any(v is None for v in values) else sum(values) / n
+            for values in zip(*(r["router_entropy_by_layer"] for r in records))
+        ]
+        known = [e for e in merged["router_entropy_by_layer"] if e is not None]
+        if known:
+            merged["router_entropy"] = sum(known) / len(known)
+        merged["dropped_fraction"] = sum(r["dropped_fraction"] for r in records) / n
+    names = sorted({name for r in records for name in r.get("router_stats", {})})
+    if names:
+        merged["router_stats"] = {}
+        for name in names:
+            per_rank = [
+                r["router_stats"][name] for r in records if name in r.get("router_stats", {})
+            ]
+            merged["router_stats"][name] = [
+                None if any(v is None for v in values) else sum(values) / len(values)
+                for values in zip(*per_rank)
+            ]
+    return merged
 
 
 class _Window:

@@ -1,0 +1,201 @@
+"""Data-parallel training under torchrun with 2 CPU processes (gloo): the same parameters as one
+process on the same global batch, checkpoints that resume on another number of ranks, a killed or
+hung rank that stops the job, one-line errors for misconfiguration. Plus the pieces without
+processes: memory re-splitting and the merge of per-rank metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hyperrouter.cli import main
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
+
+SETTINGS = [
+    "train.eval_interval=10",
+    "train.log_interval=5",
+    "train.batch_size=4",
+    "train.batch_chunk=2",
+    "train.tgt_len=16",
+    "train.mem_len=16",
+    "eval.tgt_len=16",
+    "eval.batch_size=4",
+    "eval.max_valid_batches=2",
+    "eval.top_ks=[1,2,16]",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    words = "the quick brown fox jumps over a lazy dog while cats run far away".split()
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randint(len(words), (5000,), generator=gen).tolist()
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(" ".join(words[i] for i in picks))
+    return path
+
+
+def _args(corpus: Path, out: Path, steps: int, extra: list[str] = ()) -> list[str]:
+    args = ["train", "--config", "quick", "--data", str(corpus), "--out", str(out)]
+    for setting in [*SETTINGS, f"train.steps={steps}", *extra]:
+        args += ["--set", setting]
+    return [*args, "--no-progress"]
+
+
+def _torchrun(args: list[str], *, wait: bool = True, nproc: int = 2):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "hyperrouter",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=240)
+    return proc.returncode, out
+
+
+def _weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
+    index = json.loads((run / "checkpoints" / "index.json").read_text())
+    return load_file(str(run / "checkpoints" / index[which] / "model.safetensors"))
+
+
+def _results(run: Path) -> dict[str, float]:
+    return json.loads((run / "results.json").read_text())["by_top_k"]
+
+
+def test_two_ranks_train_the_same_parameters_as_one_process(corpus: Path, tmp_path: Path) -> None:
+    """2 ranks x 1 chunk each == 1 process x 2 chunks (dropout on, per-chunk seeds)."""
+    assert main(_args(corpus, tmp_path / "one", 4)) == 0
+    code, log = _torchrun(_args(corpus, tmp_path / "two", 4))
+    assert code == 0, log
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+    for k, value in _results(tmp_path / "one").items():
+        assert _results(tmp_path / "two")[k] == pytest.approx(value, abs=1e-5)
+    train_one = [
+        json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().split("\n") if x
+    ]
+    train_two = [
+        json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().split("\n") if x
+    ]
+    for a, b in zip(train_one, train_two):
+        assert a["step"] == b["step"] and a["split"] == b["split"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        if "expert_load" in a:
+            assert a["expert_load"] == b["expert_load"]  # summed over the ranks
+
+
+def test_killed_rank_stops_the_job_and_resume_on_one_process_finishes_it(
+    corpus: Path, tmp_path: Path
+) -> None:
+    steps = 80
+    reference = tmp_path / "reference"
+    assert main(_args(corpus, reference, steps)) == 0
+    run = tmp_path / "killed"
+    proc = _torchrun(_args(corpus, run, steps, ["train.eval_interval=5"]), wait=False)
+    index = run / "checkpoints" / "index.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (
+            index.exists()
+            and json.loads(index.read_text() or "{}").get("latest", "") >= "step-0000010"
+        ):
+            break
+        time.sleep(0.05)
+    workers = subprocess.run(
+        ["ps", "--ppid", str(proc.pid), "-o", "pid="], capture_output=True, text=True
+    ).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)  # rank 1 dies mid-training
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "rank      : 1" in out and "SIGKILL" in out, out  # torchrun names the dead rank
+    assert not (run / "results.json").exists()
+    # resume on ONE process: the memories of both ranks are re-split into its two chunks
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    for k, value in _results(reference).items():
+        assert _results(run)[k] == pytest.approx(value, abs=1e-4)
+
+
+def test_misconfiguration_is_one_line_on_every_rank_and_writes_nothing(
+    corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bad"
+    code, log = _torchrun([*_args(corpus, out, 2), "--expert-parallel", "3"])
+    assert code != 0
+    errors = [line for line in log.splitlines() if line.startswith("hyperrouter: error:")]
+    assert len(errors) == 2 and all("--expert-parallel 3 does not divide" in e for e in errors)
+    assert 'Traceback (most recent call last):\n  File "/' not in log.split("ChildFailedError")[0]
+    assert not out.exists()
+    code, log = _torchrun(_args(corpus, out, 2, ["train.batch_size=3", "train.batch_chunk=1"]))
+    errors = [line for line in log.splitlines() if line.startswith("hyperrouter: error:")]
+    assert code != 0 and len(errors) == 2, log
+    assert all("does not split into 2 equal chunks" in e for e in errors)
+    assert not out.exists()
+
+
+def test_local_mems_re_split_any_layout() -> None:
+    from hyperrouter.train.trainer import Run
+
+    full = [torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3) for _ in range(2)]
+    state = {f"mems.0.{i}": m for i, m in enumerate(full)}
+    run = Run.__new__(Run)
+    run.device = torch.device("cpu")
+    for world, chunks in ((1, 1), (1, 4), (2, 2), (4, 2)):
+        for rank in range(world):
+            run.dist = type("D", (), {"rank": rank, "world_size": world})()
+            run.global_chunks, run.local_chunks = world * chunks, chunks
+            mems = run._local_mems(state, [2])
+            width = 8 // (world * chunks)
+            for c, layers in enumerate(mems):
+                lo = (rank * chunks + c) * width
+                for i, m in enumerate(layers):
+                    torch.testing.assert_close(m, full[i][:, lo : lo + width])
+
+
+def test_merge_routing_records_sums_loads_and_averages_the_rest() -> None:
+    from hyperrouter.train.trainer import _merge_routing_records
+
+    a = {
+        "aux_loss": 1.0,
+        "aux_losses": {"balance_loss": 1.0},
+        "expert_load": [[1, 2]],
+        "router_entropy_by_layer": [0.5],
+        "router_entropy": 0.5,
+        "dropped_fraction": 0.1,
+        "router_stats": {"off_node": [0.2]},
+    }
+    b = {**a, "aux_loss": 3.0, "aux_losses": {"balance_loss": 1.0, "router_loss": 2.0}}
+    b |= {"expert_load": [[3, 4]], "router_entropy_by_layer": [1.5], "dropped_fraction": 0.3}
+    merged = _merge_routing_records([a, b])
+    assert merged["expert_load"] == [[4, 6]]
+    assert merged["aux_loss"] == 2.0
+    assert merged["aux_losses"] == {"balance_loss": 1.0, "router_loss": 1.0}
+    assert merged["router_entropy"] == 1.0 and merged["dropped_fraction"] == pytest.approx(0.2)
+    assert merged["router_stats"] == {"off_node": [pytest.approx(0.2)]}
