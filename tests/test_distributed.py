@@ -199,3 +199,74 @@ def test_merge_routing_records_sums_loads_and_averages_the_rest() -> None:
     assert merged["aux_losses"] == {"balance_loss": 1.0, "router_loss": 1.0}
     assert merged["router_entropy"] == 1.0 and merged["dropped_fraction"] == pytest.approx(0.2)
     assert merged["router_stats"] == {"off_node": [pytest.approx(0.2)]}
+
+
+ROUTER_SCRIPT = """
+import json, sys
+from hyperrouter import distributed
+from hyperrouter.routers import ROUTERS
+from hyperrouter.train.config import load_config
+from hyperrouter.train.trainer import train_run
+
+corpus, root, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+distributed.init_from_env("cpu")
+for name in sorted(ROUTERS):
+    config = load_config("quick", [*settings, f"moe.router={name}", f"data.path={corpus}"])
+    train_run(config, f"{root}/{name}", progress=False, log=lambda *_: None)
+distributed.shutdown()
+"""
+
+
+def test_every_router_trains_on_two_ranks_as_on_one_process(corpus: Path, tmp_path: Path) -> None:
+    """All registered routers in one torchrun launch (2 steps each) against one process with the
+    same two chunks: the same final parameters (routers with sampling too: per-chunk seeds)."""
+    from hyperrouter.routers import ROUTERS
+    from hyperrouter.train.config import load_config
+    from hyperrouter.train.trainer import train_run
+
+    settings = [s for s in SETTINGS if not s.startswith("eval.top_ks")]
+    settings += ["train.steps=2", "train.eval_interval=2", "eval.top_ks=[1]"]
+    for name in sorted(ROUTERS):
+        config = load_config("quick", [*settings, f"moe.router={name}", f"data.path={corpus}"])
+        train_run(config, tmp_path / "one" / name, progress=False, log=lambda *_: None)
+    script = tmp_path / "every_router.py"
+    script.write_text(ROUTER_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(script), str(corpus), str(tmp_path / "two"), json.dumps(settings)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in sorted(ROUTERS):
+        one, two = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=f"{name}: {key}")
+
+
+def test_finetune_on_two_ranks_counts_every_test_example(tmp_path: Path, monkeypatch) -> None:
+    """`hyperrouter finetune` under torchrun: DDP on halves of each batch, accuracy summed over
+    both ranks' examples, one results.json (rank 0)."""
+    from hyperrouter.train.config import config_from_dict
+    from hyperrouter.train.trainer import train_run
+    from tests.test_finetune import separable_task
+    from tests.test_train import tiny_config
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_bytes(b"a lovely film. a dreadful film. zzz yyy. " * 150)
+    config = tiny_config(corpus, train={"steps": 4, "eval_interval": 4})
+    train_run(config_from_dict(config), tmp_path / "pre", progress=False, log=lambda _: None)
+    data = separable_task(tmp_path / "sst2")
+    args = ["finetune", "--task", "sst2", "--data", str(data), "--init", str(tmp_path / "pre")]
+    args += ["--out", str(tmp_path / "ft"), "--no-progress"]
+    for setting in ("steps=30", "batch_size=8", "lr=0.003", "eval_interval=10", "head_dropout=0"):
+        args += ["--set", setting]
+    args += ["--set", "test_top_ks=[1,2]", "--set", "clip=1.0", "--set", "device=cpu"]
+    args += ["--set", "top_k_min=2", "--set", "top_k_max=2"]
+    code, log = _torchrun(args)
+    assert code == 0, log
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert set(results["by_top_k"]) == {"1", "2"}
+    lines = (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"split": "test"' in line for line in lines) == 2  # rank 0 alone wrote
+    # 10 test examples split 5 / 5: accuracies are multiples of 1/10, not of 1/5
+    assert all(abs(v * 10 - round(v * 10)) < 1e-9 for v in results["by_top_k"].values())
+    assert results["by_top_k"]["2"] >= 0.8

@@ -376,11 +376,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="RUN_DIR", help="output folder (default runs/finetune-<task>)")
     p.add_argument("--list-configs", action="store_true", help="list finetune presets and exit")
     p.add_argument("--no-progress", action="store_true")
+    _add_distributed_flags(p)
     p.set_defaults(handler=_finetune)
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    _refuse_torchrun("finetune")
     from hyperrouter.data.tasks import TASKS
     from hyperrouter.train.config import list_presets
     from hyperrouter.train.finetune import finetune_run, load_finetune_config
@@ -395,9 +395,20 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"data={args.data}")
     config = load_finetune_config(args.config or f"{args.task or 'sst2'}-cpu", overrides)
-    out = args.out or _fresh_dir(f"runs/finetune-{config.task}")
-    check_writable(out, "--out", folder=True)
+    if args.expert_parallel != 1:
+        raise HyperRouterError("--expert-parallel is not supported by finetune yet (only by train)")
+    _start_distributed(args, config.device)
+    from hyperrouter import distributed
+
+    def output_folder() -> str:
+        out = args.out or _fresh_dir(f"runs/finetune-{config.task}")
+        check_writable(out, "--out", folder=True)
+        return out
+
+    out = distributed.on_main(output_folder)
     results = finetune_run(config, out, init=args.init, progress=not args.no_progress)
+    if not distributed.current().is_main:
+        return 0
     print(f"{'k':>4}  {'accuracy':>8}  {'examples/s':>10}")
     for k, value in results["by_top_k"].items():
         print(f"{k:>4}  {value:>8.4f}  {results['examples_per_second'][k]:>10.0f}")

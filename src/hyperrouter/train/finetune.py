@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from hyperrouter import distributed
 from hyperrouter.data.tasks import TASKS, ClassificationSplit, TaskData, load_task
 from hyperrouter.data.vocab import Vocab
 from hyperrouter.errors import HyperRouterError
@@ -156,12 +158,15 @@ def accuracy(logits: Tensor, labels: Tensor) -> tuple[int, int]:
 def evaluate_accuracy(
     model: Classifier, data: Encoded, batch_size: int, device: torch.device, top_k: int | None
 ) -> tuple[float, float]:
-    """(accuracy, examples per second) in eval mode at `top_k` experts."""
+    """(accuracy, examples per second) in eval mode at `top_k` experts. Under torchrun every rank
+    takes every W-th example and the counts are summed over the ranks."""
     was_training = model.training
     model.eval()
     if top_k is not None and model.body.moe_layers():
         model.body.set_top_k(top_k)
     order = sorted(range(len(data.ids)), key=lambda i: len(data.ids[i]))  # less padding
+    ctx = distributed.current()
+    order = order[ctx.rank :: ctx.world_size]
     correct = total = 0
     start = time.perf_counter()
     for i in range(0, len(order), batch_size):
@@ -170,7 +175,11 @@ def evaluate_accuracy(
         c, n = accuracy(logits, labels)
         correct, total = correct + c, total + n
     model.train(was_training)
-    return correct / max(total, 1), total / max(time.perf_counter() - start, 1e-9)
+    seconds = time.perf_counter() - start
+    if ctx.enabled:
+        counts = torch.tensor([correct, total], dtype=torch.float64, device=device)
+        correct, total = (int(v) for v in distributed.all_reduce_sum(counts))
+    return correct / max(total, 1), total / max(seconds, 1e-9)
 
 
 # --------------------------------------------------------------------------- the run
@@ -248,14 +257,30 @@ def finetune_run(
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Fine-tune, choose the checkpoint on valid, test at every k; returns results.json."""
+    """Fine-tune, choose the checkpoint on valid, test at every k; returns results.json.
+
+    Under torchrun (`hyperrouter.distributed`) every rank takes its equal share of each batch, the
+    model is wrapped in DistributedDataParallel, accuracies are counted over all ranks and only
+    rank 0 writes. Dropout draws per rank, so results match one process statistically, not bit
+    for bit (pretraining's chunked seeds do that for `hyperrouter train`)."""
     from tqdm.auto import tqdm
 
     config.validate()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise HyperRouterError(f"{out} already holds files; choose another --out")
-    device = pick_device(config.device)
+    ctx = distributed.current()
+    main_rank = ctx.is_main
+    progress = progress and main_rank
+
+    def check_out() -> None:
+        if out.exists() and any(out.iterdir()):
+            raise HyperRouterError(f"{out} already holds files; choose another --out")
+
+    distributed.on_main(check_out)
+    if config.batch_size % ctx.world_size:
+        raise HyperRouterError(
+            f"batch_size {config.batch_size} does not split over {ctx.world_size} ranks"
+        )
+    device = ctx.device if ctx.enabled else pick_device(config.device)
     prep = prepare(config, init, device)
     model, task = prep.model, prep.task
     experts = model.body.num_experts if model.body.moe_layers() else 1
@@ -269,8 +294,6 @@ def finetune_run(
     train = encode_split(task.train, prep.vocab, config.max_len)
     valid = encode_split(task.valid, prep.vocab, config.max_len)
     test = encode_split(task.test, prep.vocab, config.max_len)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json_atomic(out / "config.json", config.to_dict())
     meta = {
         "task": task.task,
         "labels": task.label_names,
@@ -280,11 +303,29 @@ def finetune_run(
         "init": prep.init,
         "parameters": parameter_summary(model).as_dict(),
     }
-    ckpt.write_json_atomic(out / "run.json", meta)
-    metrics = (out / "metrics.jsonl").open("w")
+
+    def create() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json_atomic(out / "config.json", config.to_dict())
+        ckpt.write_json_atomic(out / "run.json", meta)
+
+    distributed.on_main(create)
+    metrics = (out / "metrics.jsonl").open("w") if main_rank else open(os.devnull, "w")  # noqa: SIM115
     optimizer = torch.optim.Adam(
         trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay
     )
+    forward_model: torch.nn.Module = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        torch.manual_seed(config.seed * 1_000_003 + ctx.rank)  # each rank its own dropout
+        forward_model = DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+            broadcast_buffers=False,
+        )
+    share = config.batch_size // ctx.world_size
     rng = random.Random(config.seed)
     order: list[int] = []
     best = -1.0
@@ -302,10 +343,11 @@ def finetune_run(
         if len(order) < config.batch_size:
             order += rng.sample(range(len(train.ids)), len(train.ids))
         index, order = order[: config.batch_size], order[config.batch_size :]
+        index = index[ctx.rank * share : (ctx.rank + 1) * share]
         tokens, lengths, labels = make_batch(train, index, device)
 
         def forward(tokens=tokens, lengths=lengths, labels=labels) -> ChunkResult:
-            logits, aux, outs = model(tokens, lengths)
+            logits, aux, outs = forward_model(tokens, lengths)
             per_example = F.cross_entropy(logits.float(), labels, reduction="none")
             # each token of an example shares the example's loss (for routers that learn from it)
             token_loss = per_example.detach().expand(tokens.shape[0], -1)
@@ -319,6 +361,9 @@ def finetune_run(
             clip=config.clip,
             params=trainable_parameters(model),
         )
+        if ctx.enabled:
+            loss = distributed.all_reduce_sum(torch.tensor([result.loss], device=device))
+            result.loss = float(loss[0]) / ctx.world_size
         window.append(result.loss)
         bar.update(1)
         if step % config.log_interval == 0:
@@ -334,19 +379,23 @@ def finetune_run(
                 json.dumps({"step": step, "split": "valid", "accuracy": acc, "top_k": k}) + "\n"
             )
             metrics.flush()
-            bar.write(f"step {step}: valid accuracy {acc:.4f} at k={k if k else '-'}")
+            if main_rank:
+                bar.write(f"step {step}: valid accuracy {acc:.4f} at k={k if k else '-'}")
             if acc > best:
                 best = acc
-                best_name = ckpt.save_checkpoint(
-                    out,
-                    step,
-                    model,
-                    {"finetune": config.to_dict(), "meta": meta},
-                    prep.vocab.to_dict(),
-                )
-                ckpt.update_index(out, best_valid=best_name, latest=best_name)
+                best_name = f"step-{step:07d}"
+                if main_rank:
+                    ckpt.save_checkpoint(
+                        out,
+                        step,
+                        model,
+                        {"finetune": config.to_dict(), "meta": meta},
+                        prep.vocab.to_dict(),
+                    )
+                    ckpt.update_index(out, best_valid=best_name, latest=best_name)
     bar.close()
-    # test with the checkpoint that was best on validation
+    # test with the checkpoint that was best on validation (every rank reads rank 0's file)
+    distributed.on_main(lambda: None)  # rank 0 has written it
     ckpt.load_weights(model, out / "checkpoints" / best_name)
     ks = [1]
     if model.body.moe_layers():
@@ -377,5 +426,6 @@ def finetune_run(
         "init": prep.init,
         "parameters": meta["parameters"],
     }
-    ckpt.write_json_atomic(out / "results.json", results)
+    if main_rank:
+        ckpt.write_json_atomic(out / "results.json", results)
     return results
