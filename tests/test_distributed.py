@@ -270,3 +270,30 @@ def test_finetune_on_two_ranks_counts_every_test_example(tmp_path: Path, monkeyp
     # 10 test examples split 5 / 5: accuracies are multiples of 1/10, not of 1/5
     assert all(abs(v * 10 - round(v * 10)) < 1e-9 for v in results["by_top_k"].values())
     assert results["by_top_k"]["2"] >= 0.8
+
+
+def test_expert_parallel_training_matches_one_process_and_saves_every_expert(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """--expert-parallel 2 on 2 ranks (8 experts per rank): the parameters of one process (up to
+    the order of the expert gradients' sums), and checkpoints holding all 16 experts, which
+    `hyperrouter eval` loads in one process."""
+    extra = ["model.dropout=0.0"]  # expert dropout draws on the expert's rank, not the token's
+    assert main(_args(corpus, tmp_path / "one", 4, extra)) == 0
+    code, log = _torchrun([*_args(corpus, tmp_path / "ep", 4, extra), "--expert-parallel", "2"])
+    assert code == 0, log
+    one, ep = _weights(tmp_path / "one"), _weights(tmp_path / "ep")
+    assert one.keys() == ep.keys()
+    for name in one:
+        assert ep[name].shape == one[name].shape
+        torch.testing.assert_close(ep[name], one[name], rtol=0, atol=2e-4, msg=name)
+    for k, value in _results(tmp_path / "one").items():
+        assert _results(tmp_path / "ep")[k] == pytest.approx(value, abs=1e-4)
+    out = tmp_path / "eval.json"
+    assert (
+        main(["eval", str(tmp_path / "ep"), "--top-k", "1,2", "--json", str(out), "--no-progress"])
+        == 0
+    )
+    evaluated = json.loads(out.read_text())["by_top_k"]
+    for k in ("1", "2"):
+        assert evaluated[k] == pytest.approx(_results(tmp_path / "ep")[k], abs=1e-5)

@@ -467,15 +467,17 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="SWEEP_DIR")
     p.add_argument("--no-progress", action="store_true")
+    _add_distributed_flags(p)
     p.set_defaults(handler=_compare)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    _refuse_torchrun("compare")
+    from hyperrouter import distributed
     from hyperrouter.analysis.compare import run_compare
 
-    check_writable(args.out, "--out", folder=True)
-    run_compare(
+    _start_distributed(args, "auto")
+    distributed.on_main(lambda: check_writable(args.out, "--out", folder=True))
+    summary = run_compare(
         args.out,
         args.methods,
         seeds=args.seeds,
@@ -486,7 +488,8 @@ def _compare(args: argparse.Namespace) -> int:
         experts=list(args.experts) if args.experts else None,
         sizes=list(args.sizes) if args.sizes else None,
     )
-    print(Path(args.out, "table.md").read_text())
+    if summary is not None:
+        print(Path(args.out, "table.md").read_text())
     return 0
 
 
@@ -696,14 +699,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = sys.modules.get("hyperrouter.distributed")
         if module is not None:
             module.shutdown()
-
-
-def _refuse_torchrun(command: str) -> None:
-    if all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
-        raise HyperRouterError(
-            f"hyperrouter {command} does not run under torchrun yet: launch `hyperrouter train` "
-            f"under torchrun (one run per launch), see docs/DISTRIBUTED.md"
-        )
 
 
 def _rank_prefix() -> str:

@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from hyperrouter import distributed
 from hyperrouter.analysis import plots
 from hyperrouter.analysis.analyze import ANALYSIS_KEYS, analyze_run
 from hyperrouter.bench import machine_description
@@ -162,7 +163,7 @@ class Sweep:
                 )
         # bad data fails here, before anything is written
         load_corpus(self.base.data.path, kind=self.base.data.kind)
-        self._check_or_create()
+        distributed.on_main(self._check_or_create)
 
     # ------------------------------------------------------------------ sweep folder
     def _identity(self) -> dict[str, Any]:
@@ -212,24 +213,38 @@ class Sweep:
             )
 
     # ------------------------------------------------------------------ running
-    def run(self, progress: bool = True, log=print) -> dict[str, Any]:
+    def _job_status(self, method: str, seed: int) -> str:
+        """finished | resume | train (a run killed before its first checkpoint starts over)."""
+        run_dir = self.run_dir(method, seed)
+        self._check_run_config(method, seed)
+        if (run_dir / "results.json").is_file():
+            return "finished"
+        if (run_dir / "checkpoints" / ckpt.INDEX).is_file():
+            return "resume"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        return "train"
+
+    def run(self, progress: bool = True, log=print) -> dict[str, Any] | None:
+        """Train every missing run, analyse and tabulate (under torchrun every rank trains;
+        rank 0 decides what to run, analyses, writes the tables and returns the summary)."""
+        main = distributed.current().is_main
+        log = log if main else (lambda *_: None)
         jobs = [(m, s) for s in self.seeds for m in self.labels]
-        state = ckpt.read_json(self.out / SWEEP_FILE)
+        state = distributed.on_main(lambda: ckpt.read_json(self.out / SWEEP_FILE))
         session_times: list[float] = []
         for i, (method, seed) in enumerate(jobs, 1):
             run_dir = self.run_dir(method, seed)
             name = run_dir.name
-            self._check_run_config(method, seed)
-            if (run_dir / "results.json").is_file():
+            status = distributed.on_main(lambda m=method, s=seed: self._job_status(m, s))
+            if status == "finished":
                 log(f"[{i}/{len(jobs)}] {name}: finished earlier, reused")
                 continue
             remaining = len(jobs) - i + 1
             eta = ""
             if session_times:
                 eta = f" (ETA {_duration(statistics.mean(session_times) * remaining)})"
-            resume = (run_dir / "checkpoints" / ckpt.INDEX).is_file()
-            if run_dir.exists() and not resume:
-                shutil.rmtree(run_dir)  # killed before its first checkpoint: start it over
+            resume = status == "resume"
             log(f"[{i}/{len(jobs)}] {name}: {'resuming' if resume else 'training'}{eta}")
             start = time.perf_counter()
             train_run(
@@ -242,7 +257,10 @@ class Sweep:
             elapsed = time.perf_counter() - start
             session_times.append(elapsed)
             state["wall_seconds"][name] = state["wall_seconds"].get(name, 0.0) + elapsed
-            ckpt.write_json_atomic(self.out / SWEEP_FILE, state)
+            if main:
+                ckpt.write_json_atomic(self.out / SWEEP_FILE, state)
+        if not main:
+            return None
         for method, seed in jobs:
             run_dir = self.run_dir(method, seed)
             if not _analysis_is_current(run_dir / "analysis" / "analysis.json"):
@@ -508,7 +526,8 @@ def run_compare(
     progress: bool | None = None,
     experts: list[int] | None = None,
     sizes: list[int] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """Run (or continue) a sweep; the summary (None on the ranks other than 0 under torchrun)."""
     progress = sys.stderr.isatty() if progress is None else progress
     sweep = Sweep(out, parse_methods(methods), seeds, base, data, overrides, experts, sizes)
     return sweep.run(progress=progress)

@@ -15,7 +15,8 @@ never sees how; the experts' math (`hyperrouter.moe.experts`) never sees the rou
   `dense` backend). The backends are not used.
 
 Other strategies register here with `register_dispatch`; the layer picks one by name
-(`MoE(dispatch=...)`), and a router may require one (`Router.dispatch`).
+(`MoE(dispatch=...)`), and a router may require one (`Router.dispatch`). Expert parallelism
+(`hyperrouter.moe.expert_parallel`) has its own versions of `tokens` and `merge`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hyperrouter.errors import HyperRouterError
-from hyperrouter.moe.experts import BACKEND_FUNCTIONS, Experts
+from hyperrouter.moe.experts import BACKEND_FUNCTIONS, Experts, ExpertWeights
 from hyperrouter.routers import Routing
 
 Dispatcher = Callable[[Experts, Tensor, Routing, "Tensor | None", str, torch.dtype, bool], Tensor]
@@ -81,14 +82,27 @@ def merge_dispatch(
     autocast: bool,
 ) -> Tensor:
     """One merged expert per token: f(x_t; sum_e w_te theta_e) (SMEAR); `backend` is unused."""
-    num_tokens, num_experts = x_TD.shape[0], experts.num_experts
+    p = experts.weights(compute_dtype if autocast else None)
+    return merged_forward(experts, p, x_TD, routing, keep_TK, compute_dtype)
+
+
+def merged_forward(
+    experts: Experts,
+    p: ExpertWeights,
+    x_TD: Tensor,
+    routing: Routing,
+    keep_TK: Tensor | None,
+    compute_dtype: torch.dtype,
+) -> Tensor:
+    """The `merge` computation with the stacked weights `p` of all the routing's experts
+    (`experts` gives the activation and dropout; expert parallelism passes gathered weights)."""
+    num_tokens, num_experts = x_TD.shape[0], p.w_in.shape[0]
     w_TK = routing.weights.to(compute_dtype)
     if keep_TK is not None:
         w_TK = w_TK * keep_TK
     w_TE = x_TD.new_zeros(num_tokens, num_experts, dtype=compute_dtype).scatter_add(
         1, routing.expert_ids, w_TK
     )
-    p = experts.weights(compute_dtype if autocast else None)
     with torch.autocast(x_TD.device.type, enabled=False):
         x = x_TD.to(compute_dtype)
         h_TEH = torch.einsum("td,edh->teh", x, p.w_in)

@@ -4,12 +4,15 @@ The router decides (`hyperrouter.routers`), a dispatch strategy moves tokens to 
 (`hyperrouter.moe.dispatch`: token dispatch through the expert backends today; parameter merging
 plugs in beside it), the experts compute (`hyperrouter.moe.experts`). Optional shared experts form
 an extra path every token takes, added to the routed output or mixed with it by a learned gate.
+Expert parallelism (`hyperrouter.moe.expert_parallel`) turns a layer into a subclass that
+overrides the routing, capacity and dispatch hooks (`_route`, `_capacity_keep`, `_dispatch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +92,10 @@ class MoE(nn.Module):
             and in inference (VQMoE's layer: `second_router="vqmoe"`). Its auxiliary losses join
             the layer's (a name the first router also uses gets the prefix `second_`).
     """
+
+    # True when the expert computation is a collective that every rank joins on every call, even
+    # without tokens (expert parallelism): the layer then never skips it for an empty batch
+    collective: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -314,28 +321,28 @@ class MoE(nn.Module):
             sequence_ids=self._per_token(sequence_ids, "sequence_ids", lead, token_idx),
         )
 
-        if num_tokens > 0 and self.router.wants_expert_responses(ctx):
-            routing = self.router.route_by_responses(x_TD, ctx, self.expert_responses(x_TD))
-        else:
-            routing = self.router(x_TD, ctx)
+        routing = self._route(x_TD, ctx)
         keep_TK = routing.keep
-        if self.capacity_factor is not None and num_tokens > 0:
-            capacity = expert_capacity(num_tokens, self.num_experts, k, self.capacity_factor)
-            keep_TK = capacity_keep_mask(routing.expert_ids, self.num_experts, capacity, keep_TK)
+        if self.capacity_factor is not None and (num_tokens > 0 or self.collective):
+            keep_TK = self._capacity_keep(routing.expert_ids, keep_TK, k)
         if backend_name == "auto":
             backend_name = choose_backend(
                 num_tokens, self.num_experts, routing.expert_ids.shape[1], x.device, x.dtype
             )
 
-        if num_tokens == 0:
+        if num_tokens == 0 and not self.collective:
             y_TD = self._empty_output(x_TD, compute_dtype)
         else:
-            run = DISPATCHERS[self.router.dispatch or self.dispatch]
-            y_TD = run(self.experts, x_TD, routing, keep_TK, backend_name, compute_dtype, autocast)
+            dispatch = self.router.dispatch or self.dispatch
+            y_TD = self._dispatch(
+                dispatch, x_TD, routing, keep_TK, backend_name, compute_dtype, autocast
+            )
             if self.second_router is not None:
                 y_TD, second = self._second_path(x_TD, y_TD, ctx, compute_dtype, autocast)
             if self.shared is not None:
                 y_TD = self._mix_shared(x_TD, y_TD, compute_dtype, autocast)
+            if num_tokens == 0:  # collective, no tokens: every parameter still gets a gradient
+                y_TD = y_TD + self._empty_output(x_TD, compute_dtype)
 
         if token_idx is not None:
             full = y_TD.new_zeros(lead.numel(), self.d_model)
@@ -361,6 +368,31 @@ class MoE(nn.Module):
             routing,
         )
 
+    def _route(self, x_TD: Tensor, ctx: RoutingContext) -> Routing:
+        """The router's choice, from the experts' responses when the router asks for them."""
+        if x_TD.shape[0] > 0 and self.router.wants_expert_responses(ctx):
+            return self.router.route_by_responses(x_TD, ctx, self.expert_responses(x_TD))
+        return self.router(x_TD, ctx)
+
+    def _capacity_keep(self, ids_TK: Tensor, keep_TK: Tensor | None, top_k: int) -> Tensor:
+        """The keep mask [T, K] under `capacity_factor`, counted over this call's T tokens."""
+        capacity = expert_capacity(ids_TK.shape[0], self.num_experts, top_k, self.capacity_factor)
+        return capacity_keep_mask(ids_TK, self.num_experts, capacity, keep_TK)
+
+    def _dispatch(
+        self,
+        dispatch: str,
+        x_TD: Tensor,
+        routing: Routing,
+        keep_TK: Tensor | None,
+        backend: str,
+        compute_dtype: torch.dtype,
+        autocast: bool,
+    ) -> Tensor:
+        """y_TD: the experts' combined output through the dispatch strategy named `dispatch`."""
+        run = DISPATCHERS[dispatch]
+        return run(self.experts, x_TD, routing, keep_TK, backend, compute_dtype, autocast)
+
     @torch.no_grad()
     def expert_responses(self, x_TD: Tensor) -> Tensor:
         """Every expert's output on every token, detached: [T, E, d_model] (E times the compute
@@ -381,8 +413,10 @@ class MoE(nn.Module):
         backend = choose_backend(
             x_TD.shape[0], self.num_experts, second.expert_ids.shape[1], x_TD.device, x_TD.dtype
         )
-        run = DISPATCHERS[self.second_router.dispatch or "tokens"]
-        y2_TD = run(self.experts, x_TD, second, second.keep, backend, compute_dtype, autocast)
+        dispatch = self.second_router.dispatch or "tokens"
+        y2_TD = self._dispatch(
+            dispatch, x_TD, second, second.keep, backend, compute_dtype, autocast
+        )
         with torch.autocast(x_TD.device.type, enabled=False):
             gate_T2 = torch.softmax(fp32_linear(self.path_gate, x_TD), dim=-1).to(y_TD.dtype)
         return gate_T2[:, :1] * y_TD + gate_T2[:, 1:] * y2_TD, second

@@ -216,6 +216,22 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise HyperRouterError(f"{path} does not exist") from None
 
 
+def optimizer_state(folder: Path, meta: dict) -> dict[str, Any]:
+    """The optimizer.state_dict() stored in a checkpoint folder (to load into any optimizer over
+    the same parameters, or into an expert-parallel one with its own loader)."""
+    if "optimizer" not in meta:
+        raise HyperRouterError(f"checkpoint {folder} has no optimizer state to resume from")
+    tensors = load_tensors(folder / OPTIMIZER_FILE)
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["optimizer"]["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+
+
 def restore_optimizer(optimizer: torch.optim.Optimizer, folder: Path, meta: dict) -> None:
     if "optimizer" not in meta:
         raise HyperRouterError(f"checkpoint {folder} has no optimizer state to resume from")

@@ -33,6 +33,7 @@ from hyperrouter import distributed
 from hyperrouter.data.corpus import Corpus, load_corpus
 from hyperrouter.data.iterators import LMOrderedIterator
 from hyperrouter.errors import HyperRouterError
+from hyperrouter.moe import expert_parallel
 from hyperrouter.params import parameter_summary, trainable_parameters
 from hyperrouter.train import checkpoint as ckpt
 from hyperrouter.train.config import RunConfig, config_diff, config_from_dict
@@ -91,11 +92,11 @@ class Run:
             )
         torch.manual_seed(config.train.seed)
         self.model = config.build_model(len(self.corpus.vocab)).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            trainable_parameters(self.model),
-            lr=config.train.lr,
-            weight_decay=config.train.weight_decay,
-        )
+        self.summary = parameter_summary(self.model)  # before sharding: every expert counted
+        self.expert_parallel = self.dist.ep_size > 1 and bool(self.model.moe_layers())
+        if self.expert_parallel:
+            expert_parallel.shard_experts(self.model, self.dist.ep_group)
+        self.optimizer = self._new_optimizer(self.model)
         self.step = 0
         self.mems: list[list[Tensor]] = []  # per batch chunk, per layer
         self.best: dict[str, float] = {}
@@ -106,6 +107,10 @@ class Run:
         else:
             self._create()
         self.forward_model = self._wrap_data_parallel()
+
+    def _new_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        t = self.config.train
+        return torch.optim.Adam(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
 
     def _check_fresh_out_dir(self) -> None:
         if self.out_dir.exists() and any(self.out_dir.iterdir()):
@@ -143,6 +148,10 @@ class Run:
         from torch.nn.parallel import DistributedDataParallel
 
         cuda = self.device.type == "cuda"
+        if self.expert_parallel:  # averaged over their own group by the training step
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.model, sorted(expert_parallel.expert_parameter_names(self.model))
+            )
         return DistributedDataParallel(
             self.model,
             device_ids=[self.device] if cuda else None,
@@ -186,7 +195,7 @@ class Run:
     def _write_new_run(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json_atomic(self.out_dir / "config.json", self.config.to_dict())
-        summary = parameter_summary(self.model)
+        summary = self.summary
         ckpt.write_json_atomic(
             self.out_dir / RUN_FILE,
             {
@@ -231,8 +240,16 @@ class Run:
         self._check_visible()
         folder = self.out_dir / "checkpoints" / latest
         meta = ckpt.read_json(folder / ckpt.TRAINER_FILE)
-        ckpt.load_weights(self.model, folder)
-        ckpt.restore_optimizer(self.optimizer, folder, meta)
+        if self.expert_parallel:  # the files hold every expert: each rank takes its own
+            full = self.config.build_model(len(self.corpus.vocab))
+            ckpt.load_weights(full, folder)
+            group = self.dist.ep_group
+            expert_parallel.load_full_state_dict(self.model, full.state_dict(), group)
+            state = ckpt.optimizer_state(folder, meta)
+            expert_parallel.load_full_optimizer_state(self.model, self.optimizer, state, group)
+        else:
+            ckpt.load_weights(self.model, folder)
+            ckpt.restore_optimizer(self.optimizer, folder, meta)
         state = ckpt.load_tensors(folder / ckpt.STATE_FILE)
         trainer = meta["trainer"]
         self.step = meta["step"]
@@ -291,16 +308,31 @@ class Run:
             num_mems = [len(full)]
         else:
             state, num_mems = {}, [0]
+        model, optimizer = self.model, self.optimizer
+        if self.expert_parallel:  # every expert, gathered: the files do not depend on the ranks
+            group = self.dist.ep_group
+            weights = expert_parallel.full_state_dict(self.model, group)
+            optim = expert_parallel.full_optimizer_state(self.model, self.optimizer, group)
+            if self.main:
+                model = self.config.build_model(len(self.corpus.vocab))
+                model.load_state_dict(weights)
+                optimizer = self._new_optimizer(model)
+                optimizer.load_state_dict(optim)
         if self.main:
-            self._write_checkpoint(state, num_mems, pointers)
+            self._write_checkpoint(model, optimizer, state, num_mems, pointers)
 
     def _write_checkpoint(
-        self, state: dict[str, Tensor], num_mems: list[int], pointers: dict[str, str]
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Tensor],
+        num_mems: list[int],
+        pointers: dict[str, str],
     ) -> None:
         name = ckpt.save_checkpoint(
             self.out_dir,
             self.step,
-            self.model,
+            model,
             self.checkpoint_config(),
             self.corpus.vocab.to_dict(),
             trainer={
@@ -310,7 +342,7 @@ class Run:
                 "num_mems": num_mems,
                 "top_k": self.model.top_k,
             },
-            optimizer=self.optimizer,
+            optimizer=optimizer,
             state_tensors=state,
         )
         ckpt.update_index(self.out_dir, latest=name, **{k: name for k in pointers})
@@ -345,6 +377,7 @@ class Run:
                 clip=t.clip,
                 params=trainable_parameters(model),
                 no_sync=getattr(self.forward_model, "no_sync", None),
+                after_backward=self._reduce_expert_grads if self.expert_parallel else None,
             )
             if self.dist.enabled:  # the same loss on every rank: all stop together on divergence
                 result.loss = (
@@ -471,6 +504,11 @@ class Run:
             pointers["best_all_experts"] = pointers.get("best_train_k", False)
         self._save(**{name: "" for name, better in pointers.items() if better})
 
+    def _reduce_expert_grads(self) -> None:
+        expert_parallel.reduce_expert_grads(
+            self.model, self.dist.expert_dp_group, self.dist.world_size
+        )
+
     @property
     def _shard(self) -> tuple[int, int] | None:
         return (self.dist.rank, self.dist.world_size) if self.dist.enabled else None
@@ -483,6 +521,8 @@ class Run:
         )
         model = cfg.build_model(len(self.corpus.vocab)).to(self.device)
         ckpt.load_weights(model, folder)
+        if self.expert_parallel:
+            expert_parallel.shard_experts(model, self.dist.ep_group)
         ks = inference_ks(model, cfg)
         metric = metric_name(self.kind)
 
@@ -511,7 +551,7 @@ class Run:
             "tokens_per_second": speed,
             "checkpoint": folder.name,
             "steps": self.step,
-            "parameters": parameter_summary(model).as_dict(),
+            "parameters": self.summary.as_dict(),
         }
         if self.main:
             ckpt.write_json_atomic(self.out_dir / "results.json", results)
