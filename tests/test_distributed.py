@@ -297,3 +297,20 @@ def test_expert_parallel_training_matches_one_process_and_saves_every_expert(
     evaluated = json.loads(out.read_text())["by_top_k"]
     for k in ("1", "2"):
         assert evaluated[k] == pytest.approx(_results(tmp_path / "ep")[k], abs=1e-5)
+
+
+def test_compare_under_torchrun_trains_every_run_on_both_ranks(
+    corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    args = ["compare", "--config", "quick", "--data", str(corpus), "--out", str(out)]
+    args += ["--methods", "smoe,hash", "--seeds", "1", "--no-progress"]
+    for setting in [*SETTINGS, "train.steps=2", "train.eval_interval=2"]:
+        args += ["--set", setting]
+    code, log = _torchrun(args)
+    assert code == 0, log
+    assert (out / "table.md").is_file()
+    assert log.count("| smoe") == 1  # the table is printed once (rank 0)
+    for run in ("smoe-seed1111", "hash-seed1111"):
+        assert (out / "runs" / run / "results.json").is_file()
+        assert (out / "runs" / run / "analysis" / "analysis.json").is_file()
