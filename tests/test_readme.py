@@ -68,6 +68,21 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
+def readme_torchrun_commands() -> list[list[str]]:
+    """The `torchrun ... -m hyperrouter ...` commands of the bash blocks: torchrun's options,
+    then the hyperrouter arguments (after `-m hyperrouter`)."""
+    commands = []
+    for block in blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words and "=" in words[0]:  # VAR=value prefixes
+                words = words[1:]
+            if words and words[0] == "torchrun" and "hyperrouter" in words:
+                cut = words.index("hyperrouter")
+                commands.append([*words[1 : cut - 1], "--", *words[cut + 1 :]])
+    return commands
+
+
 def tiny(args: list[str]) -> list[str] | None:
     """`args` with the flags that make it tiny, or None for a command this test skips."""
     if args[:2] == ["data", "get"] and "--from" not in args:
@@ -136,6 +151,29 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys, one_thread) ->
         assert code == 0, f"`hyperrouter {' '.join(args)}` failed: {err.strip()[-500:]}"
         ran += 1
     assert ran >= 10
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
+@pytest.mark.parametrize("command", readme_torchrun_commands(), ids=lambda c: " ".join(c[-4:]))
+def test_readme_torchrun_commands_run(command: list[str], tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cut = command.index("--")
+    launcher, args = command[:cut], command[cut + 1 :]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "hyperrouter"]
+    cmd += tiny(args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYPERROUTER_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+
+
+def test_readme_shows_torchrun() -> None:
+    assert len(readme_torchrun_commands()) >= 2
 
 
 @pytest.mark.parametrize("block", blocks("python"))
