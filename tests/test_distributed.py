@@ -204,39 +204,54 @@ def test_merge_routing_records_sums_loads_and_averages_the_rest() -> None:
 ROUTER_SCRIPT = """
 import json, sys
 from hyperrouter import distributed
-from hyperrouter.routers import ROUTERS
 from hyperrouter.train.config import load_config
 from hyperrouter.train.trainer import train_run
 
-corpus, root, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+corpus, root, settings, CASES = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:5])
 distributed.init_from_env("cpu")
-for name in sorted(ROUTERS):
-    config = load_config("quick", [*settings, f"moe.router={name}", f"data.path={corpus}"])
+for name, options in CASES:
+    config = load_config("quick", [*settings, *options, f"data.path={corpus}"])
     train_run(config, f"{root}/{name}", progress=False, log=lambda *_: None)
 distributed.shutdown()
 """
 
 
+def router_cases() -> list[tuple[str, list[str]]]:
+    """Every registered router with its defaults, plus state updated once per optimizer step
+    from statistics reduced over the ranks (VQMoE's EMA codebook)."""
+    from hyperrouter.routers import ROUTERS
+
+    cases = [(name, [f"moe.router={name}"]) for name in sorted(ROUTERS)]
+    cases.append(("vqmoe_ema", ["moe.router=vqmoe", "moe.router_options.ema_decay=0.9"]))
+    return cases
+
+
 def test_every_router_trains_on_two_ranks_as_on_one_process(corpus: Path, tmp_path: Path) -> None:
     """All registered routers in one torchrun launch (2 steps each) against one process with the
     same two chunks: the same final parameters (routers with sampling too: per-chunk seeds)."""
-    from hyperrouter.routers import ROUTERS
     from hyperrouter.train.config import load_config
     from hyperrouter.train.trainer import train_run
 
     settings = [s for s in SETTINGS if not s.startswith("eval.top_ks")]
     settings += ["train.steps=2", "train.eval_interval=2", "eval.top_ks=[1]"]
-    for name in sorted(ROUTERS):
-        config = load_config("quick", [*settings, f"moe.router={name}", f"data.path={corpus}"])
+    cases = router_cases()
+    for name, options in cases:
+        config = load_config("quick", [*settings, *options, f"data.path={corpus}"])
         train_run(config, tmp_path / "one" / name, progress=False, log=lambda *_: None)
     script = tmp_path / "every_router.py"
     script.write_text(ROUTER_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(script), str(corpus), str(tmp_path / "two"), json.dumps(settings)]
+    cmd += [
+        str(script),
+        str(corpus),
+        str(tmp_path / "two"),
+        json.dumps(settings),
+        json.dumps(cases),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in sorted(ROUTERS):
+    for name, _ in cases:
         one, two = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)
         for key in one:
             torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=f"{name}: {key}")
