@@ -158,6 +158,22 @@ def test_misconfiguration_is_one_line_on_every_rank_and_writes_nothing(
     assert code != 0 and len(errors) == 2, log
     assert all("does not split into 2 equal chunks" in e for e in errors)
     assert not out.exists()
+    # experts that do not split over the expert-parallel group; a device that is not there
+    for extra, flags, message in (
+        (
+            ["moe.num_experts=3", "eval.top_ks=[1]", "train.top_k_min=1", "train.top_k_max=2"],
+            ["--expert-parallel", "2"],
+            "divisible",
+        ),
+        (["train.device=cuda"], [], "CUDA is not available"),
+    ):
+        if message.startswith("CUDA") and torch.cuda.is_available():
+            continue
+        code, log = _torchrun([*_args(corpus, out, 2, extra), *flags])
+        errors = [line for line in log.splitlines() if line.startswith("hyperrouter: error:")]
+        assert code != 0 and len(errors) == 2, log
+        assert all(message in e for e in errors), errors
+        assert not out.exists()
 
 
 def test_local_mems_re_split_any_layout() -> None:
