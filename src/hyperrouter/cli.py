@@ -675,22 +675,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HyperRouterError as err:
         if args.debug:
             raise
-        print(f"hyperrouter: error: {_rank_prefix()}{err}", file=sys.stderr)
+        _error_line(f"{_rank_prefix()}{err}")
         return EXIT_USER_ERROR
     except RuntimeError as err:  # torch.distributed's errors (DistError) are RuntimeErrors
         if args.debug or not _distributed_error(err):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(
-            f"hyperrouter: error: {_rank_prefix()}distributed training stopped: {first} "
-            f"(another rank died, hung past --dist-timeout, or cannot be reached)",
-            file=sys.stderr,
+        _error_line(
+            f"{_rank_prefix()}distributed training stopped: {first} "
+            f"(another rank died, hung past --dist-timeout, or cannot be reached)"
         )
         return EXIT_DISTRIBUTED
     except OSError as err:  # a path the user gave cannot be read or written
         if args.debug:
             raise
-        print(f"hyperrouter: error: {_os_error_message(err)}", file=sys.stderr)
+        _error_line(f"{_rank_prefix()}{_os_error_message(err)}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("hyperrouter: interrupted", file=sys.stderr)
@@ -699,6 +698,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = sys.modules.get("hyperrouter.distributed")
         if module is not None:
             module.shutdown()
+
+
+def _error_line(message: str) -> None:
+    """`hyperrouter: error: message` on stderr in one write (ranks sharing a pipe interleave
+    whole lines only)."""
+    sys.stderr.write(f"hyperrouter: error: {message}\n")
+    sys.stderr.flush()
 
 
 def _rank_prefix() -> str:
