@@ -676,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         _error_line(f"{_rank_prefix()}{err}")
+        _settle()
         return EXIT_USER_ERROR
     except RuntimeError as err:  # torch.distributed's errors (DistError) are RuntimeErrors
         if args.debug or not _distributed_error(err):
@@ -690,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         _error_line(f"{_rank_prefix()}{_os_error_message(err)}")
+        _settle()
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("hyperrouter: interrupted", file=sys.stderr)
@@ -705,6 +707,13 @@ def _error_line(message: str) -> None:
     whole lines only)."""
     sys.stderr.write(f"hyperrouter: error: {message}\n")
     sys.stderr.flush()
+
+
+def _settle() -> None:
+    """Under torchrun: let the other ranks print their own error before this one exits."""
+    module = sys.modules.get("hyperrouter.distributed")
+    if module is not None:
+        module.settle()
 
 
 def _rank_prefix() -> str:

@@ -109,21 +109,24 @@ def init_from_env(
         _CURRENT = DistContext()
         return _CURRENT
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    problem = None
     if world % expert_parallel:
-        raise HyperRouterError(
+        problem = (
             f"--expert-parallel {expert_parallel} does not divide the world size {world} "
             f"(torchrun's nproc_per_node x nnodes)"
         )
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise HyperRouterError(f"train.device={device!r} but CUDA is not available")
+    if use_cuda and not torch.cuda.is_available():
+        problem = problem or f"train.device={device!r} but CUDA is not available"
+    elif use_cuda and local >= torch.cuda.device_count():
         count = torch.cuda.device_count()
-        if local >= count:
-            raise HyperRouterError(
-                f"rank {rank}: LOCAL_RANK {local} needs GPU {local}, but this machine has "
-                f"{count}: use --nproc_per_node {count} or fewer"
-            )
+        problem = problem or (
+            f"LOCAL_RANK {local} needs GPU {local}, but this machine has {count}: use "
+            f"--nproc_per_node {count} or fewer"
+        )
+    if problem is not None:
+        use_cuda = False  # a CPU group, only so that every rank reports before any exits
+    if use_cuda:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
         backend = "nccl"
@@ -136,6 +139,9 @@ def init_from_env(
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
         )
+    if problem is not None:
+        _CURRENT = DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
+        raise HyperRouterError(problem)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
     ctx.ep_size = expert_parallel
     if world > 1:
@@ -214,3 +220,17 @@ def all_gather_batch(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:, : s[1]] for p, s in zip(parts, sizes)], dim=1)
+
+
+def settle(timeout_s: float = 10.0) -> None:
+    """Before a rank exits on a user error: wait (at most `timeout_s`) until every rank got there,
+    so that torchrun, which stops all ranks as soon as one exits, does not cut off the others'
+    own one-line errors. gloo only (its monitored barrier has a timeout); any failure is ignored:
+    the rank is about to exit anyway."""
+    ctx = _CURRENT
+    if not ctx.enabled or not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:
+        pass
