@@ -67,13 +67,11 @@ def _torchrun(args: list[str], *, wait: bool = True, nproc: int = 2):
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if not wait:
         return proc
-    out, _ = proc.communicate(timeout=240)
-    return proc.returncode, out
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, err + out  # apart: stdout and stderr lines would interleave
 
 
 def _weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
@@ -132,7 +130,8 @@ def test_killed_rank_stops_the_job_and_resume_on_one_process_finishes_it(
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)  # rank 1 dies mid-training
     start = time.monotonic()
-    out, _ = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
+    out = err + out
     assert proc.returncode != 0
     assert time.monotonic() - start < 60
     assert "rank      : 1" in out and "SIGKILL" in out, out  # torchrun names the dead rank
