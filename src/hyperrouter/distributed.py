@@ -35,15 +35,13 @@ T = TypeVar("T")
 @dataclass
 class DistContext:
     """Where this process stands: rank / world size, its device and its groups (None when
-    single-process). `ep_size` ranks share the experts of every MoE layer; `ep_rank` is this
-    rank's position among them."""
+    single-process). `ep_size` ranks share the experts of every MoE layer."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device | None = None
     ep_size: int = 1
-    ep_rank: int = 0
     ep_group: Any = None
     expert_dp_group: Any = None
     mesh: Any = None
@@ -55,10 +53,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def dp_size(self) -> int:
-        return self.world_size // self.ep_size
 
 
 _CURRENT = DistContext()
@@ -151,7 +145,6 @@ def init_from_env(
         ctx.mesh = init_device_mesh(dev.type, (dp, expert_parallel), mesh_dim_names=("dp", "ep"))
         ctx.ep_group = ctx.mesh.get_group("ep")
         ctx.expert_dp_group = ctx.mesh.get_group("dp")
-        ctx.ep_rank = dist.get_rank(ctx.ep_group)
     _CURRENT = ctx
     return ctx
 
