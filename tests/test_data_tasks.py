@@ -316,6 +316,18 @@ def test_load_task_max_examples_and_file_paths(tmp_path) -> None:
     assert set(capped.valid.texts) <= set(full.valid.texts)
     with raises("max_examples must be a positive integer"):
         load_task("sst2", glue, max_examples=0)
+    with raises("max_test_examples must be a positive integer"):
+        load_task("sst2", glue, max_test_examples=-1)
+
+
+def test_max_test_examples_is_the_same_subset_for_every_seed(tmp_path) -> None:
+    root = imdb_jsonl_dir(tmp_path / "imdb", n=10)  # 20 test reviews
+    a = load_task("imdb", root, seed=1, max_examples=6, max_test_examples=7)
+    b = load_task("imdb", root, seed=2, max_examples=6, max_test_examples=7)
+    assert len(a.test) == 7 and a.test == b.test  # the reported split does not move with the seed
+    assert len(a.train) == 6 and a.train != b.train  # the training subset does
+    full = load_task("imdb", root, seed=1)
+    assert set(a.test.texts) <= set(full.test.texts) and len(full.test) == 20
 
     # a directory with several sst2 formats needs one of its files to choose
     both = sst_sentence_dir(glue_dir(tmp_path / "both"))

@@ -172,4 +172,51 @@ def test_finetune_presets_load() -> None:
         assert task in names and f"{task}-cpu" in names
         ref = load_finetune_config(task)
         assert ref.task == task and ref.lr == 1e-4 and ref.steps == 5000 and ref.top_k_max == 16
+        assert ref.tokenizer == "word" and ref.pooling == "last"  # the reference's recipe
         assert load_finetune_config(f"{task}-cpu").task == task
+
+
+@pytest.mark.parametrize("task", ["sst2", "sst5", "imdb", "banking77"])
+def test_cpu_presets_train_a_few_steps(tmp_path, task) -> None:
+    """Each CPU preset of Table 2, as committed (its model for the from-scratch control, word
+    vocabulary, normalisation, head, k fixed at 16), trains three steps and tests at every k."""
+    from hyperrouter.train.finetune import load_finetune_config
+    from tests.test_data_tasks import banking_dir, imdb_jsonl_dir, sst_sentence_dir
+
+    data = {
+        "sst2": lambda: sst_sentence_dir(tmp_path / "sst"),
+        "sst5": lambda: sst_sentence_dir(tmp_path / "sst", prefix="stsa.fine", classes=5),
+        "imdb": lambda: imdb_jsonl_dir(tmp_path / "imdb", n=30),
+        "banking77": lambda: banking_dir(tmp_path / "bank"),
+    }[task]()
+    config = load_finetune_config(
+        f"{task}-cpu", [f"data={data}", "steps=3", "eval_interval=3", "device=cpu"]
+    )
+    assert config.tokenizer == "word" and config.normalize == "basic"
+    assert (config.top_k_min, config.top_k_max) == (16, 16)
+    assert config.test_top_ks == [1, 2, 4, 8, 16]
+    results = finetune_run(config, tmp_path / "run", progress=False, log=lambda _: None)
+    assert sorted(results["by_top_k"], key=int) == ["1", "2", "4", "8", "16"]
+    assert all(0.0 <= acc <= 1.0 for acc in results["by_top_k"].values())
+    assert results["init"]["tokenizer"] == "word" and results["init"]["new_vocabulary"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["task"] == task and run["sizes"]["train"] > 0
+
+
+def test_basic_normalisation() -> None:
+    assert ft.normalize_basic("Great movie!<br /><br />10/10, I don't  KNOW.") == (
+        "great movie ! 10 / 10 , i don't know ."
+    )
+    assert ft.normalize_basic("it 's a film .") == "it 's a film ."  # SST is already so
+    with pytest.raises(Exception, match="normalize must be one of none, basic"):
+        tiny_ft(Path("x"), normalize="lower")
+    with pytest.raises(Exception, match="min_word_freq must be >= 1"):
+        tiny_ft(Path("x"), min_word_freq=0)
+
+
+def test_word_vocabulary_min_freq(tmp_path) -> None:
+    data = separable_task(tmp_path / "sep")
+    (data / "stsa.binary.train").write_text("1 yes rare\n0 no no\n1 yes\n0 no\n")
+    prep = prepare(tiny_ft(data, tokenizer="word", min_word_freq=2), None, torch.device("cpu"))
+    assert prep.vocab.encode("rare") == [prep.vocab.unk_id]
+    assert prep.vocab.encode("yes no") != [prep.vocab.unk_id] * 2

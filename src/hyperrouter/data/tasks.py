@@ -25,8 +25,9 @@ Validation and test splits (the reported test split never chooses a checkpoint):
 
 Labels are 0..C-1 in `TaskData.label_names` order; a dev or test label that never occurs in the
 training data is an error naming its file and line. `max_examples` keeps a seeded random subset
-of N examples of every split (after the carve, in file order) for quick runs; it shrinks the
-reported test split too. Every reader validates its input and names the file and line of a
+of N examples of the train and valid splits (after the carve, in file order) for quick runs;
+`max_test_examples` does the same for the reported test split with a fixed seed, so that runs
+with different seeds are scored on the same test examples. Every reader validates its input and names the file and line of a
 malformed record in a one-line `HyperRouterError`.
 """
 
@@ -46,6 +47,7 @@ from pathlib import Path
 from hyperrouter.errors import HyperRouterError
 
 TASKS = ("sst2", "sst5", "imdb", "banking77")
+TEST_SUBSET_SEED = 0  # max_test_examples draws the same test subset for every fine-tuning seed
 SST2_LABELS = ["negative", "positive"]
 SST5_LABELS = ["very negative", "negative", "neutral", "positive", "very positive"]
 IMDB_LABELS = ["negative", "positive"]
@@ -599,19 +601,22 @@ def load_task(
     valid_fraction: float = 0.1,
     seed: int = 0,
     max_examples: int | None = None,
+    max_test_examples: int | None = None,
 ) -> TaskData:
     """Load a classification task from a directory, or one file of it (layouts and the
     validation policy are in the module docstring).
 
     valid_fraction and seed shape the validation split carved from train where the task has no
-    separate labelled dev split; max_examples caps every split to a seeded random subset.
+    separate labelled dev split; max_examples caps train and valid to a seeded random subset,
+    max_test_examples caps test to a random subset that does not depend on the seed.
     """
     if task not in TASKS:
         raise HyperRouterError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     if not 0.0 < valid_fraction < 1.0:
         raise HyperRouterError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
-    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-        raise HyperRouterError(f"max_examples must be a positive integer, got {max_examples!r}")
+    for name, cap in (("max_examples", max_examples), ("max_test_examples", max_test_examples)):
+        if cap is not None and (not isinstance(cap, int) or cap < 1):
+            raise HyperRouterError(f"{name} must be a positive integer, got {cap!r}")
     root = Path(path).expanduser()
     if not root.exists():
         raise HyperRouterError(f"task data path {root} does not exist")
@@ -638,7 +643,9 @@ def load_task(
     else:
         valid_source = "dev file"
     if max_examples is not None:
-        train, valid, test = (_cap(s, max_examples, seed) for s in (train, valid, test))
+        train, valid = (_cap(s, max_examples, seed) for s in (train, valid))
+    if max_test_examples is not None:
+        test = _cap(test, max_test_examples, TEST_SUBSET_SEED)
     for name, split in (("train", train), ("valid", valid), ("test", test)):
         if len(split) == 0:
             raise HyperRouterError(f"the {name} split of {task} in {root} is empty")
