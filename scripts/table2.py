@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 TASK_DATA = {"sst2": "sst_sentences", "sst5": "sst_sentences", "imdb": "imdb", "banking77": "banking77"}
-CHANCE = {"sst2": "50%", "sst5": "20%", "imdb": "50%", "banking77": "1.3%"}
+# majority class of the test split (BANKING77: 40 queries per intent)
+CHANCE = {"sst2": "50%", "sst5": "29%", "imdb": "50%", "banking77": "1.3%"}
 KS = ["1", "2", "4", "8", "16"]
 
 
