@@ -26,7 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-TASK_DATA = {"sst2": "sst_sentences", "sst5": "sst_sentences", "imdb": "imdb", "banking77": "banking77"}
+TASK_DATA = {
+    "sst2": "sst_sentences",
+    "sst5": "sst_sentences",
+    "imdb": "imdb",
+    "banking77": "banking77",
+}
 # majority class of the test split (BANKING77: 40 queries per intent)
 CHANCE = {"sst2": "50%", "sst5": "29%", "imdb": "50%", "banking77": "1.3%"}
 KS = ["1", "2", "4", "8", "16"]
@@ -130,7 +135,8 @@ def table_md(rows: list[dict]) -> str:
         cells = " | ".join(_cell(row[f"k{k}"]) for k in KS)
         seeds = ",".join(str(s) for s in row["seeds"])
         task = f"{row['task']} ({CHANCE[row['task']]})"
-        lines.append(f"| {task} | {row['init']} | {seeds} | {cells} | {_cell(row['valid'])} | {wall} |")
+        valid = _cell(row["valid"])
+        lines.append(f"| {task} | {row['init']} | {seeds} | {cells} | {valid} | {wall} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="1111,1112")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch control")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to every run (changes the presets: say so with the results)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to every run (changes the presets: say so with the results)",
+    )
     p.add_argument("--table-only", action="store_true", help="only (re)write the table")
     args = p.parse_args(argv)
     tasks = args.tasks.split(",")

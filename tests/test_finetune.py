@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hyperrouter.cli import main
+from hyperrouter.errors import HyperRouterError
 from hyperrouter.train import finetune as ft
 from hyperrouter.train.config import config_from_dict
 from hyperrouter.train.finetune import FinetuneConfig, accuracy, finetune_run, prepare
@@ -208,9 +209,9 @@ def test_basic_normalisation() -> None:
         "great movie ! 10 / 10 , i don't know ."
     )
     assert ft.normalize_basic("it 's a film .") == "it 's a film ."  # SST is already so
-    with pytest.raises(Exception, match="normalize must be one of none, basic"):
+    with pytest.raises(HyperRouterError, match="normalize must be one of none, basic"):
         tiny_ft(Path("x"), normalize="lower")
-    with pytest.raises(Exception, match="min_word_freq must be >= 1"):
+    with pytest.raises(HyperRouterError, match="min_word_freq must be >= 1"):
         tiny_ft(Path("x"), min_word_freq=0)
 
 

@@ -27,8 +27,8 @@ Labels are 0..C-1 in `TaskData.label_names` order; a dev or test label that neve
 training data is an error naming its file and line. `max_examples` keeps a seeded random subset
 of N examples of the train and valid splits (after the carve, in file order) for quick runs;
 `max_test_examples` does the same for the reported test split with a fixed seed, so that runs
-with different seeds are scored on the same test examples. Every reader validates its input and names the file and line of a
-malformed record in a one-line `HyperRouterError`.
+with different seeds are scored on the same test examples. Every reader validates its input and
+names the file and line of a malformed record in a one-line `HyperRouterError`.
 """
 
 from __future__ import annotations

@@ -235,12 +235,15 @@ def prepare(config: FinetuneConfig, init: str | None, device: torch.device) -> P
     )
     normalizer = NORMALIZERS[config.normalize]
     if normalizer is not None:
+
+        def normalized(split):
+            return dataclasses.replace(split, texts=[normalizer(t) for t in split.texts])
+
         task = dataclasses.replace(
             task,
-            **{
-                name: dataclasses.replace(split, texts=[normalizer(t) for t in split.texts])
-                for name, split in (("train", task.train), ("valid", task.valid), ("test", task.test))
-            },
+            train=normalized(task.train),
+            valid=normalized(task.valid),
+            test=normalized(task.test),
         )
     torch.manual_seed(config.seed)
     if init is not None:
