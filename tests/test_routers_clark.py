@@ -345,3 +345,31 @@ def test_the_trainer_fits_a_balanced_hash_table_to_the_training_data(tmp_path) -
     counts = torch.bincount(run.corpus.train.reshape(-1), minlength=64).float()
     load = torch.zeros(router.num_experts).index_add(0, router.table[:64, 0].long(), counts)
     assert load.max() <= counts.max() + load.sum() / router.num_experts  # greedy balance bound
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_rlr_detach_input_keeps_the_reinforce_gradient_out_of_the_backbone(k: int) -> None:
+    """detach_input: same routing, same gate gradient, but no policy/entropy gradient into x."""
+    grads = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        router = build_router("rlr", D, 4, value_weight=0.0, detach_input=detach)
+        x = torch.randn(6, D, requires_grad=True)
+        torch.manual_seed(1)
+        routing = router(x, train_ctx(k))
+        terms = router.token_loss_terms(routing, torch.linspace(0.5, 3.0, 6))
+        (terms["policy_loss"] + terms["entropy_bonus"]).backward()
+        grads[detach] = (routing.expert_ids, x.grad, router.gate.weight.grad.clone())
+    (ids_a, xgrad_a, wgrad_a), (ids_b, xgrad_b, wgrad_b) = grads[False], grads[True]
+    assert torch.equal(ids_a, ids_b)
+    torch.testing.assert_close(wgrad_a, wgrad_b)
+    assert xgrad_a is not None and float(xgrad_a.abs().sum()) > 0
+    assert xgrad_b is None or float(xgrad_b.abs().sum()) == 0
+    # the combine weights (k > 1) still pass the task gradient to x and to the gate
+    if k > 1:
+        router = build_router("rlr", D, 4, detach_input=True)
+        x = torch.randn(6, D, requires_grad=True)
+        router(x, train_ctx(k)).weights[:, 0].sum().backward()
+        assert float(x.grad.abs().sum()) > 0
+    with pytest.raises(HyperRouterError, match="detach_input"):
+        build_router("rlr", D, 4, detach_input="yes")

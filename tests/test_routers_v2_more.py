@@ -175,6 +175,31 @@ def test_stablemoe_hidden_state_fallback_does_not_train_the_backbone_input() -> 
     assert router.distill_projection.weight.grad is not None
 
 
+def test_stablemoe_detach_input_keeps_the_balance_loss_out_of_the_backbone() -> None:
+    """detach_input: same routing and centroid gradient of L_bal (and the z-loss), none into x;
+    the combine weight sigmoid(x . c) still trains x and the centroids."""
+    got = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        router = build_router("stablemoe", D, 4, z_loss_weight=0.1, detach_input=detach).train()
+        x = torch.randn(16, D, requires_grad=True)
+        routing = router(x, ctx(training=True, step=0))
+        (routing.aux_losses["balance_loss"] + routing.aux_losses["z_loss"]).backward()
+        got[detach] = (routing.expert_ids, x.grad, router.centroids.grad.clone())
+        assert routing.weights.requires_grad
+    (ids_a, xgrad_a, cgrad_a), (ids_b, xgrad_b, cgrad_b) = got[False], got[True]
+    assert torch.equal(ids_a, ids_b)
+    torch.testing.assert_close(cgrad_a, cgrad_b)
+    assert xgrad_a is not None and float(xgrad_a.abs().sum()) > 0
+    assert xgrad_b is None or float(xgrad_b.abs().sum()) == 0
+    router = build_router("stablemoe", D, 4, detach_input=True).train()
+    x = torch.randn(16, D, requires_grad=True)
+    router(x, ctx(training=True, step=0)).weights.sum().backward()
+    assert float(x.grad.abs().sum()) > 0
+    with pytest.raises(HyperRouterError, match="detach_input"):
+        build_router("stablemoe", D, 4, detach_input=1)
+
+
 def test_stablemoe_token_id_errors_are_one_line() -> None:
     router = stable_router(vocab=6)
     x = torch.randn(3, D)

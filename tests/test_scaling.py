@@ -64,12 +64,18 @@ def test_saturating_fit_recovers_the_transform() -> None:
     assert c["E_start"] == pytest.approx(3.0, rel=1e-3)
     assert c["E_max"] == pytest.approx(60.0, rel=1e-3)
     assert c["b"] == pytest.approx(TRUE["b"], abs=1e-5)
-    assert "unverified" in fit["E_prime_provenance"]
+    assert "Clark" in fit["E_prime_provenance"]
+    assert fit["E_prime"] == "1/E' = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max"
 
 
 def test_saturating_transform_properties() -> None:
     e = saturated_experts(np.array([1.0, 1e9]), 3.0, 60.0)
-    assert e[0] == pytest.approx(2.0) and e[1] == pytest.approx(60.0, rel=1e-6)
+    assert e[0] == pytest.approx(3.0) and e[1] == pytest.approx(60.0, rel=1e-6)
+    # Clark et al.'s S-BASE constants as quoted by later papers: E'(1) = E_start, E'(512) ~ 195
+    sbase = saturated_experts(np.array([1.0, 2.0, 64.0, 512.0]), 1.847, 314.478)
+    np.testing.assert_allclose(sbase, [1.847, 2.83, 53.8, 194.9], rtol=2e-3)
+    small = saturated_experts(np.arange(1.0, 9.0), 2.0, 1e9)  # E' = E + 1 while E << E_max
+    np.testing.assert_allclose(small, np.arange(1.0, 9.0) + 1.0, rtol=1e-6)
 
 
 def test_single_size_fits_the_reduced_law() -> None:

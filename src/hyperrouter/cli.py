@@ -581,8 +581,8 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--saturate",
         action="store_true",
-        help="E' = the saturating transform of E with fitted E_start, E_max (form unverified "
-        "against the paper; see hyperrouter.analysis.scaling)",
+        help="E' = Clark et al.'s saturating transform of E with fitted E_start, E_max (the form "
+        "later papers quote; see hyperrouter.analysis.scaling)",
     )
     fit.add_argument(
         "--router", type=_str_list, metavar="NAME,NAME", help="fit only these routers' runs"

@@ -5,15 +5,20 @@ logarithms, N in parameters and L the test loss in nats per token:
 
     log L(N, E) = a log N + b log E' + c log N log E' + d
 
-E' is E, or with `saturate=True` the saturating transform
+E' is E, or with `saturate=True` the saturating transform (Clark et al.'s E-hat)
 
-    1 / E' = 1 / (E - 1 + (1 / (E_start - 1) - 1 / E_max)^-1) + 1 / E_max
+    1 / E' = 1 / (E - 1 + (1 / E_start - 1 / E_max)^-1) + 1 / E_max
 
-with E_start > 1 and E_max > E_start - 1 fitted too. This transform is written down from memory
-(../shared/ROUTING-METHODS.md section 3, marked [memory, unverified]): it was not checked against
-the paper's text, so treat the saturating fit as a smooth saturating stand-in, not as Clark's
-exact Eq. Properties of this form: E' is increasing in E, E'(1) = E_start - 1, E' -> E_max as
-E -> infinity. The bilinear form itself (bilinear in log N and log E) is the paper's.
+with 0 < E_start < E_max fitted too. Properties: E' is increasing in E, E'(1) = E_start (not 1:
+the dense points sit at E_start), E' ~ E - 1 + E_start for 1 <= E << E_max, and E' -> E_max as
+E -> infinity. Provenance: the paper's own text could not be read here; this form is the one
+quoted, identically, by several independent later papers and notes that cite Clark et al.
+(checked 2026-12-03), which also quote the paper's fitted S-BASE values a = -0.082,
+b = -0.108, c = 0.009, d = 1.104, E_start = 1.847, E_max = 314.478 (one note says the paper's
+logarithms are base 10: a and b do not depend on the base, c and d do, c_e = c_10 / ln 10 and
+d_e = d_10 ln 10). An earlier version of this module used 1 / (E_start - 1) in place of
+1 / E_start, written from memory; that was wrong. The bilinear form itself (bilinear in log N
+and log E) is the paper's.
 
 What a run contributes (one point per run; seeds are separate points):
 - N, the dense-equivalent size (Clark's "dense model" the routed one is built from, whose FFN is
@@ -49,10 +54,10 @@ import numpy as np
 
 from hyperrouter.errors import HyperRouterError
 
-SATURATION_FORMULA = "1/E' = 1/(E - 1 + (1/(E_start - 1) - 1/E_max)^-1) + 1/E_max"
+SATURATION_FORMULA = "1/E' = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max"
 SATURATION_PROVENANCE = (
-    "from memory (ROUTING-METHODS.md section 3, [memory, unverified]); "
-    "not checked against the paper"
+    "as quoted identically by several later papers citing Clark et al. 2022; "
+    "the paper's own text was not available to check"
 )
 TERMS = {"a": "log N", "b": "log E'", "c": "log N log E'", "d": "1"}
 DENSE_GROUP = "dense"
@@ -174,9 +179,9 @@ def read_point(run_dir: Path, top_k: int = 1) -> RunPoint:
 
 
 def saturated_experts(E: np.ndarray, e_start: float, e_max: float) -> np.ndarray:
-    """E' of the saturating transform (SATURATION_FORMULA; unverified, see module docstring)."""
+    """E' of the saturating transform (SATURATION_FORMULA, see the module docstring)."""
     E = np.asarray(E, dtype=float)
-    offset = 1.0 / (1.0 / (e_start - 1.0) - 1.0 / e_max)
+    offset = 1.0 / (1.0 / e_start - 1.0 / e_max)
     return 1.0 / (1.0 / (E - 1.0 + offset) + 1.0 / e_max)
 
 
@@ -295,8 +300,8 @@ def _fit_saturated(
     from scipy.optimize import least_squares
 
     def unpack(theta: np.ndarray) -> tuple[float, float]:
-        e_start = 1.0 + math.exp(theta[0])
-        return e_start, (e_start - 1.0) + math.exp(theta[1])
+        e_start = math.exp(theta[0])
+        return e_start, e_start + math.exp(theta[1])
 
     def linear(e_start: float, e_max: float) -> tuple[np.ndarray, np.ndarray]:
         X = _design(log_n, np.log(saturated_experts(E, e_start, e_max)), terms)
@@ -308,7 +313,7 @@ def _fit_saturated(
 
     top = float(E.max())
     best = None
-    for start in (0.5, 1.0, 3.0):
+    for start in (1.5, 2.0, 4.0):
         for scale in (2.0, 10.0, 100.0):
             theta0 = np.array([math.log(start), math.log(scale * top)])
             sol = least_squares(residuals, theta0, method="trf", x_scale=1.0, max_nfev=2000)

@@ -41,7 +41,15 @@ Options (defaults): policy_weight 1.0, value_weight 1.0, entropy_weight 0.01 (ou
 et al.'s weights are not known here), combine "policy", baseline "learned", bias True and
 init_std 0.02 (the same Linear gate as `smoe`), balance_loss_weight 0 and z_loss_weight 0 (the
 Switch balance loss on the sampled experts and the router z-loss, shared with every logit
-router; off by default).
+router; off by default), detach_input True.
+
+Stop-gradient on the router input (`detach_input`, default True, our choice): the policy loss,
+the entropy bonus and the optional balance and z losses are computed from W sg(x) + c, so they
+train the gate only and send no gradient into the layers below; the routing itself, and at k > 1
+the combine weights (which carry the task gradient to x and to W), are unchanged. With
+`detach_input: false` the REINFORCE term also moves the backbone through x: at the enwik6 CPU
+preset (lr 4e-3) that collapses training to the unigram loss within ~100 steps, while with the
+stop-gradient the same run learns (docs/RESULTS.md section 7).
 
 At k = E every expert is chosen whatever the draw, so the policy term only adds zero-mean noise
 (the reward does not depend on the order of the draws); RL-R is meant for k << E.
@@ -58,6 +66,8 @@ Differences from the paper / reference code, and why:
 - No load-balancing term by default: the entropy bonus is the only pressure against collapse
   (balance_loss_weight adds the Switch loss, a capacity limit caps the load).
 - Sampling uses torch's global generator (fixed by torch.manual_seed), not a per-layer seed.
+- The stop-gradient on the router input for the policy and entropy terms (`detach_input`) is our
+  choice (see above); the SMEAR repository's formulation detaches the baseline's input only.
 - Router math runs in fp32 whatever the model dtype.
 """
 
@@ -114,6 +124,7 @@ class ReinforceRouter(Router):
         z_loss_weight: float = 0.0,
         bias: bool = True,
         init_std: float = 0.02,
+        detach_input: bool = True,
     ) -> None:
         super().__init__(d_model, num_experts)
         for name, value in (
@@ -129,6 +140,8 @@ class ReinforceRouter(Router):
         )
         check_option("baseline", baseline, baseline in BASELINES, f"one of {', '.join(BASELINES)}")
         check_option("init_std", init_std, _is_number(init_std) and init_std > 0, "a number > 0")
+        check_option("detach_input", detach_input, isinstance(detach_input, bool), "true or false")
+        self.detach_input = detach_input
         self.policy_weight = float(policy_weight)
         self.value_weight = float(value_weight)
         self.entropy_weight = float(entropy_weight)
@@ -141,7 +154,7 @@ class ReinforceRouter(Router):
         self.baseline = nn.Linear(d_model, 1)
         init_linear_(self.baseline, init_std)
         # the last training forward's routing and baseline prediction, for token_loss_terms
-        self._pending: tuple[Routing, Tensor] | None = None
+        self._pending: tuple[Routing, Tensor, Tensor] | None = None
 
     @staticmethod
     def _linear(layer: nn.Linear, x_TD: Tensor) -> Tensor:
@@ -157,7 +170,9 @@ class ReinforceRouter(Router):
         ctx = self.context(ctx)
         x32_TD = at_least_fp32(x_TD)
         logits_TE = self._linear(self.gate, x32_TD)
-        log_pi_TE = torch.log_softmax(logits_TE, dim=-1)
+        # the policy's own losses see x through a stop-gradient with detach_input (gate only)
+        policy_TE = self._linear(self.gate, x32_TD.detach()) if self.detach_input else logits_TE
+        log_pi_TE = torch.log_softmax(policy_TE, dim=-1)
         num_tokens, top_k = logits_TE.shape[0], ctx.top_k
         log_probs_TK = None
         if ctx.training:
@@ -178,14 +193,14 @@ class ReinforceRouter(Router):
             weights_TK = torch.softmax(logits_TE.gather(1, ids_TK), dim=-1)
         aux: dict[str, Tensor] = {}
         if num_tokens > 0 and self.balance_loss_weight > 0:
-            aux["balance_loss"] = self.balance_loss_weight * switch_balance_loss(logits_TE, ids_TK)
+            aux["balance_loss"] = self.balance_loss_weight * switch_balance_loss(policy_TE, ids_TK)
         if num_tokens > 0 and self.z_loss_weight > 0:
-            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits_TE)
+            aux["z_loss"] = self.z_loss_weight * router_z_loss(policy_TE)
         routing = Routing(ids_TK, weights_TK, logits_TE, aux, log_probs=log_probs_TK)
         if ctx.training:
             baseline_T = self._linear(self.baseline, x32_TD.detach()).squeeze(-1)
             routing.saved["baseline"] = baseline_T  # reachable from the model output (DDP)
-            self._pending = (routing, baseline_T)
+            self._pending = (routing, baseline_T, policy_TE)
         return routing
 
     def token_loss_terms(self, routing: Routing, token_loss_T: Tensor) -> dict[str, Tensor]:
@@ -195,7 +210,7 @@ class ReinforceRouter(Router):
             raise HyperRouterError(
                 "rlr token_loss_terms needs the routing of this router's last training forward"
             )
-        learned_T = pending[1]
+        learned_T, policy_TE = pending[1], pending[2]
         loss_T = token_loss_T.detach().to(learned_T.dtype)
         if loss_T.shape != learned_T.shape:
             raise HyperRouterError(
@@ -206,7 +221,7 @@ class ReinforceRouter(Router):
         baseline_T = self.baseline_values(learned_T, loss_T)
         advantage_T = (loss_T - baseline_T).detach()
         policy = (routing.log_probs.sum(-1) * advantage_T).sum() / count
-        log_pi_TE = torch.log_softmax(routing.logits, dim=-1)
+        log_pi_TE = torch.log_softmax(policy_TE, dim=-1)
         entropy = -(log_pi_TE.exp() * log_pi_TE).sum() / count
         terms = {"policy_loss": self.policy_weight * policy}
         if self.baseline_kind != "batch_mean":
@@ -230,5 +245,6 @@ class ReinforceRouter(Router):
         return (
             f"{super().extra_repr()}, policy_weight={self.policy_weight}, "
             f"value_weight={self.value_weight}, entropy_weight={self.entropy_weight}, "
-            f"combine={self.combine}, baseline={self.baseline_kind}"
+            f"combine={self.combine}, baseline={self.baseline_kind}, "
+            f"detach_input={self.detach_input}"
         )

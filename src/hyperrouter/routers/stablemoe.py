@@ -27,7 +27,13 @@ of this project's 400k-step Table 1 runs; set it to ~10% of `train.steps` for ot
 ids, as the paper does; the model's token ids must then reach the layer), `distill_dim` (50, as
 the reference code), `balance_loss_weight` alpha (0.3), `distill_loss_weight` beta (1: the paper
 adds L_dis unweighted), `init_gain` (0.1: orthogonal init of both centroid sets, as the
-reference code), `z_loss_weight` (0: the router z-loss, not in the paper).
+reference code), `z_loss_weight` (0: the router z-loss, not in the paper), `detach_input` (False:
+the paper's L_bal is a function of s = x . c, so it trains the layers below through x too; True
+computes L_bal and the z-loss from sg(x) . c, so they train the centroids only, while the
+routing and the combine weight sigmoid(x . c) are unchanged). At the enwik6 CPU preset (lr 4e-3,
+global gradient clip 0.25) the paper's form collapses training to the unigram loss within ~100
+steps and `detach_input: true` learns (docs/RESULTS.md section 7); the `stablemoe` method of
+`hyperrouter compare` sets it.
 
 Auxiliary losses: L_bal and L_dis in stage-1 training only. The router z-loss mean_t
 logsumexp_i(s_{t,i})^2 (`z_loss_weight`) applies in both stages, in training and evaluation like
@@ -103,6 +109,7 @@ class StableMoERouter(Router):
         distill_loss_weight: float = 1.0,
         init_gain: float = 0.1,
         z_loss_weight: float = 0.0,
+        detach_input: bool = False,
     ) -> None:
         super().__init__(d_model, num_experts)
         check_option(
@@ -126,6 +133,8 @@ class StableMoERouter(Router):
         check_option(
             "init_gain", init_gain, _is_number(init_gain) and init_gain > 0, "a number > 0"
         )
+        check_option("detach_input", detach_input, isinstance(detach_input, bool), "true or false")
+        self.detach_input = detach_input
         self.switch_step = switch_step
         self.vocab_size = vocab_size
         self.balance_loss_weight = float(balance_loss_weight)
@@ -213,10 +222,12 @@ class StableMoERouter(Router):
         ids_TK = torch.topk(logits_TE.detach(), ctx.top_k, dim=-1).indices
         weights_TK = torch.sigmoid(scores_TE.gather(1, ids_TK))
         losses: dict[str, Tensor] = {}
+        # L_bal and the z-loss see x through a stop-gradient with detach_input (centroids only)
+        own_TE = self.backbone_scores(x_TD.detach()) if self.detach_input else scores_TE
         if ctx.training and stage == 1 and x_TD.shape[0] > 0:
             if self.balance_loss_weight > 0:
                 losses["balance_loss"] = self.balance_loss_weight * self._balance_loss(
-                    weights_TK, ids_TK
+                    torch.sigmoid(own_TE.gather(1, ids_TK)), ids_TK
                 )
             if self.distill_loss_weight > 0:
                 student_TE = self.distilled_logits(x_TD, ctx, frozen=False)
@@ -225,7 +236,7 @@ class StableMoERouter(Router):
                     student_TE, target_T
                 )
         if self.z_loss_weight > 0 and x_TD.shape[0] > 0:
-            losses["z_loss"] = self.z_loss_weight * router_z_loss(scores_TE)
+            losses["z_loss"] = self.z_loss_weight * router_z_loss(own_TE)
         return Routing(ids_TK, weights_TK, logits_TE, losses)
 
     def _balance_loss(self, sigmoid_TK: Tensor, ids_TK: Tensor) -> Tensor:
