@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from hyperrouter.analysis.compare import method_overrides, parse_methods
+from hyperrouter.errors import HyperRouterError
 from hyperrouter.train.config import load_config
 
 
@@ -80,7 +81,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2 * args.log_interval:
         parser.error("--steps must be at least twice --log-interval")
-    methods = parse_methods(args.methods)
+    try:
+        methods = parse_methods(args.methods)
+    except HyperRouterError as err:
+        parser.error(str(err))
     results = {
         "config": args.config,
         "data": args.data,
