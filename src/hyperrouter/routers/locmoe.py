@@ -65,9 +65,10 @@ Differences from the paper, and why:
 - Measured limitation: a token's home node is its sequence's (data-parallel) placement, which
   the router's input (the token's hidden state) does not encode, so no content-based gate can
   route by it; the locality loss can only flatten the router toward both nodes. At the quick
-  preset, k = 2, weights 0 / 0.01 / 0.1 / 1 left the off-node share at 0.49-0.50 while the router
-  entropy rose from 0.35-0.38 to 2.55-2.56 nats and BPC worsened (docs/RESULTS.md section 7). A gate that
-  sees the node (e.g. a per-node bias) would be needed; that is a different router, not built.
+  preset, k = 2, weights 0 / 0.01 / 0.1 / 1 left the off-node share at 0.49-0.50 while the
+  router entropy rose from 0.35-0.38 to 2.55-2.56 nats and BPC worsened (docs/RESULTS.md
+  section 7). A gate that sees the node (e.g. a per-node bias) would be needed; that is a
+  different router, not built.
 - The gate vectors are orthogonal at initialisation only (trained freely afterwards), and tau is
   fixed.
 - Capacity counts the T tokens of one call, not a per-device group.
