@@ -171,7 +171,11 @@ class ReinforceRouter(Router):
         x32_TD = at_least_fp32(x_TD)
         logits_TE = self._linear(self.gate, x32_TD)
         # the policy's own losses see x through a stop-gradient with detach_input (gate only)
-        policy_TE = self._linear(self.gate, x32_TD.detach()) if self.detach_input else logits_TE
+        # (the same values; a second product only when a gradient could reach x)
+        if self.detach_input and x32_TD.requires_grad and torch.is_grad_enabled():
+            policy_TE = self._linear(self.gate, x32_TD.detach())
+        else:
+            policy_TE = logits_TE
         log_pi_TE = torch.log_softmax(policy_TE, dim=-1)
         num_tokens, top_k = logits_TE.shape[0], ctx.top_k
         log_probs_TK = None

@@ -223,7 +223,11 @@ class StableMoERouter(Router):
         weights_TK = torch.sigmoid(scores_TE.gather(1, ids_TK))
         losses: dict[str, Tensor] = {}
         # L_bal and the z-loss see x through a stop-gradient with detach_input (centroids only)
-        own_TE = self.backbone_scores(x_TD.detach()) if self.detach_input else scores_TE
+        # (the same values; a second product only when a gradient could reach x)
+        if self.detach_input and x_TD.requires_grad and torch.is_grad_enabled():
+            own_TE = self.backbone_scores(x_TD.detach())
+        else:
+            own_TE = scores_TE
         if ctx.training and stage == 1 and x_TD.shape[0] > 0:
             if self.balance_loss_weight > 0:
                 losses["balance_loss"] = self.balance_loss_weight * self._balance_loss(
