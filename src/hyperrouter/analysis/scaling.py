@@ -269,6 +269,13 @@ def fit_routed_law(N: Any, E: Any, loss: Any, *, saturate: bool = False) -> dict
         coef = dict(zip(terms, beta.tolist()))
     names = list(coef)
     stderr = dict(zip(names, np.sqrt(np.clip(np.diag(cov), 0.0, None)).tolist()))
+    if saturate and not all(math.isfinite(v) for v in stderr.values()):
+        dropped.append("the saturating fit ended where its errors are not defined")
+    if saturate and (coef["E_start"] <= 0.1 * 1.0001 or coef["E_start"] >= 99.99 * E.max()):
+        dropped.append(
+            f"E_start = {coef['E_start']:.3g} is at the search bound [0.1, 100 max E]: "
+            f"these runs do not determine it"
+        )
     if saturate and coef["E_max"] > 1e4 * E.max():
         stderr["E_max"] = float("nan")
         dropped.append(
@@ -309,14 +316,21 @@ def _fit_saturated(
         return beta, y - X @ beta
 
     def residuals(theta: np.ndarray) -> np.ndarray:
-        return linear(*unpack(theta))[1]
+        with np.errstate(all="ignore"):
+            return linear(*unpack(theta))[1]
 
     top = float(E.max())
+    # E_start in [0.1, 100 max E], E_max - E_start in [0.01, 1e6 max E]: beyond these the
+    # transform is numerically flat or singular, and noisy runs can push the search there
+    lower = np.array([math.log(0.1), math.log(0.01)])
+    upper = np.array([math.log(100.0 * top), math.log(1e6 * top)])
     best = None
     for start in (1.5, 2.0, 4.0):
         for scale in (2.0, 10.0, 100.0):
             theta0 = np.array([math.log(start), math.log(scale * top)])
-            sol = least_squares(residuals, theta0, method="trf", x_scale=1.0, max_nfev=2000)
+            sol = least_squares(
+                residuals, theta0, bounds=(lower, upper), method="trf", max_nfev=2000
+            )
             if best is None or sol.cost < best.cost:
                 best = sol
     e_start, e_max = unpack(best.x)
@@ -330,15 +344,26 @@ def _fit_saturated(
 
     x0 = np.array([coef[k] for k in names])
     J = np.empty((len(y), len(names)))
-    for i in range(len(names)):
+    with np.errstate(all="ignore"):  # a degenerate corner gives inf/nan, handled below
+        _jacobian(model, x0, J)
+    s2 = float(resid @ resid) / (len(y) - len(names))
+    try:
+        if not np.all(np.isfinite(J)):
+            raise np.linalg.LinAlgError("non-finite Jacobian")
+        cov = s2 * np.linalg.pinv(J.T @ J)
+    except np.linalg.LinAlgError:  # the fit is at a flat or singular corner: no error bars
+        cov = np.full((len(names), len(names)), float("nan"))
+    return coef, cov, resid
+
+
+def _jacobian(model, x0: np.ndarray, out: np.ndarray) -> None:
+    """Central differences of model at x0 into out [points, parameters]."""
+    for i in range(len(x0)):
         h = 1e-6 * max(1.0, abs(x0[i]))
         up, down = x0.copy(), x0.copy()
         up[i] += h
         down[i] -= h
-        J[:, i] = (model(up) - model(down)) / (2 * h)
-    s2 = float(resid @ resid) / (len(y) - len(names))
-    cov = s2 * np.linalg.pinv(J.T @ J)
-    return coef, cov, resid
+        out[:, i] = (model(up) - model(down)) / (2 * h)
 
 
 # --------------------------------------------------------------------------- groups, output
