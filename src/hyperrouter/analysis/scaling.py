@@ -59,6 +59,11 @@ SATURATION_PROVENANCE = (
     "as quoted identically by several later papers citing Clark et al. 2022; "
     "the paper's own text was not available to check"
 )
+# the search range of the saturating fit: E_start in [0.1, 100 max E], E_max - E_start in
+# [0.01, 1e6 max E]; beyond it the transform is numerically flat or singular, and noisy runs can
+# push the search there
+E_START_RANGE = (0.1, 100.0)  # the upper end in units of max E
+E_GAP_RANGE = (0.01, 1e6)  # the upper end in units of max E
 TERMS = {"a": "log N", "b": "log E'", "c": "log N log E'", "d": "1"}
 DENSE_GROUP = "dense"
 
@@ -271,9 +276,10 @@ def fit_routed_law(N: Any, E: Any, loss: Any, *, saturate: bool = False) -> dict
     stderr = dict(zip(names, np.sqrt(np.clip(np.diag(cov), 0.0, None)).tolist()))
     if saturate and not all(math.isfinite(v) for v in stderr.values()):
         dropped.append("the saturating fit ended where its errors are not defined")
-    if saturate and (coef["E_start"] <= 0.1 * 1.0001 or coef["E_start"] >= 99.99 * E.max()):
+    low, high = E_START_RANGE[0], E_START_RANGE[1] * E.max()
+    if saturate and not low * 1.0001 < coef["E_start"] < high * 0.9999:
         dropped.append(
-            f"E_start = {coef['E_start']:.3g} is at the search bound [0.1, 100 max E]: "
+            f"E_start = {coef['E_start']:.3g} is at the search bound [{low:g}, {high:g}]: "
             f"these runs do not determine it"
         )
     if saturate and coef["E_max"] > 1e4 * E.max():
@@ -320,10 +326,8 @@ def _fit_saturated(
             return linear(*unpack(theta))[1]
 
     top = float(E.max())
-    # E_start in [0.1, 100 max E], E_max - E_start in [0.01, 1e6 max E]: beyond these the
-    # transform is numerically flat or singular, and noisy runs can push the search there
-    lower = np.array([math.log(0.1), math.log(0.01)])
-    upper = np.array([math.log(100.0 * top), math.log(1e6 * top)])
+    lower = np.log([E_START_RANGE[0], E_GAP_RANGE[0]])
+    upper = np.log([E_START_RANGE[1] * top, E_GAP_RANGE[1] * top])
     best = None
     for start in (1.5, 2.0, 4.0):
         for scale in (2.0, 10.0, 100.0):
@@ -347,12 +351,12 @@ def _fit_saturated(
     with np.errstate(all="ignore"):  # a degenerate corner gives inf/nan, handled below
         _jacobian(model, x0, J)
     s2 = float(resid @ resid) / (len(y) - len(names))
-    try:
-        if not np.all(np.isfinite(J)):
-            raise np.linalg.LinAlgError("non-finite Jacobian")
-        cov = s2 * np.linalg.pinv(J.T @ J)
-    except np.linalg.LinAlgError:  # the fit is at a flat or singular corner: no error bars
-        cov = np.full((len(names), len(names)), float("nan"))
+    cov = np.full((len(names), len(names)), float("nan"))  # at a flat or singular corner
+    if np.all(np.isfinite(J)):
+        try:
+            cov = s2 * np.linalg.pinv(J.T @ J)
+        except np.linalg.LinAlgError:
+            pass
     return coef, cov, resid
 
 

@@ -224,14 +224,14 @@ class StableMoERouter(Router):
         losses: dict[str, Tensor] = {}
         # L_bal and the z-loss see x through a stop-gradient with detach_input (centroids only)
         # (the same values; a second product only when a gradient could reach x)
+        own_TE, own_TK = scores_TE, weights_TK
         if self.detach_input and x_TD.requires_grad and torch.is_grad_enabled():
             own_TE = self.backbone_scores(x_TD.detach())
-        else:
-            own_TE = scores_TE
+            own_TK = torch.sigmoid(own_TE.gather(1, ids_TK))
         if ctx.training and stage == 1 and x_TD.shape[0] > 0:
             if self.balance_loss_weight > 0:
                 losses["balance_loss"] = self.balance_loss_weight * self._balance_loss(
-                    torch.sigmoid(own_TE.gather(1, ids_TK)), ids_TK
+                    own_TK, ids_TK
                 )
             if self.distill_loss_weight > 0:
                 student_TE = self.distilled_logits(x_TD, ctx, frozen=False)
