@@ -347,6 +347,28 @@ def format_table(records: list[BenchRecord]) -> str:
     return "\n".join(lines)
 
 
+LEGEND = (
+    "x dense: the median time over the median time of the dense floor in the same run, a dense "
+    "FFN of hidden width k x d_hidden (the same active compute; 1.00 = no cost for routing)"
+)
+
+
+def peers_note(records: list[BenchRecord], peers: bool) -> str | None:
+    """Why the transformers peers are missing from `records`, if they were asked for."""
+    if not peers or any(r.impl.startswith("peer:") for r in records):
+        return None
+    if not any(r.expert == "swiglu" and r.router == "smoe" for r in records):
+        return None  # the Mixtral peers only join SwiGLU experts next to the smoe router
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return (
+            "note: transformers is not installed, so its Mixtral peers were left out "
+            "(bash scripts/setup.sh bench installs it)"
+        )
+    return "note: this transformers has no Mixtral block we can time, so its peers were left out"
+
+
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -16,6 +16,7 @@ from hyperrouter.errors import HyperRouterError
 
 EXIT_USER_ERROR = 2
 EXIT_DISTRIBUTED = 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -162,6 +163,10 @@ def _bench_layer(args: argparse.Namespace) -> int:
     )
     print(f"# {bench.machine_description()}")
     print(bench.format_table(records))
+    print(bench.LEGEND)
+    note = bench.peers_note(records, peers=not args.no_peers)
+    if note:
+        print(note)
     if args.json:
         bench.write_json(records, args.json)
         print(f"wrote {len(records)} records to {args.json}")
@@ -344,9 +349,11 @@ def _eval(args: argparse.Namespace) -> int:
         which=args.checkpoint,
         progress=not args.no_progress,
     )
+    print(f"{results['split']} split, checkpoint {results['checkpoint']}")
     print(_results_table(results))
     if args.json:
         write_json_atomic(Path(args.json), results)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -521,7 +528,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from hyperrouter.analysis.analyze import analyze_run
+    from hyperrouter.analysis.analyze import analysis_dir, analyze_run
 
     if args.tokens < 1:
         raise HyperRouterError(f"--tokens must be >= 1, got {args.tokens}")
@@ -537,9 +544,22 @@ def _analyze(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         top_k=args.top_k,
     )
+    out = analysis_dir(args.path, args.out)
     if not result["layers"]:
         print(result["note"])
+        print(f"wrote {out / 'analysis.json'}")
         return 0
+    layer = result["layers"][0]
+    experts = len(layer["tokens_per_expert"])
+    print(
+        f"checkpoint {result['checkpoint']} (router {result['router']}) at k = {result['top_k']} "
+        f"of {experts} experts, {layer['tokens']} validation tokens per layer"
+    )
+    if result["top_k"] >= experts:
+        print(
+            f"note: at k = {experts} of {experts} every token uses every expert, so the load CV "
+            f"is 0 by construction; --top-k 1 shows how the router spreads first choices"
+        )
     print(
         f"{'layer':>5}  {'entropy':>8}  {'load CV':>8}  {'dropped':>8}  {'off-node':>8}  "
         f"{'expert cos':>10}"
@@ -551,6 +571,8 @@ def _analyze(args: argparse.Namespace) -> int:
             f"{layer['load_cv']:>8.3f}  {layer['dropped_fraction']:>8.3f}  "
             f"{layer['off_node_fraction']:>8.3f}  {layer['expert_similarity']:>10.3f}"
         )
+    written = [p for p in (out / "analysis.json", out / "routing.png") if p.is_file()]
+    print("wrote " + " and ".join(str(p) for p in written))
     return 0
 
 
@@ -687,6 +709,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(another rank died, hung past --dist-timeout, or cannot be reached)"
         )
         return EXIT_DISTRIBUTED
+    except BrokenPipeError:  # `hyperrouter ... | head`: the reader left; stop quietly as Unix
+        _silence_stdout()  # tools do (checkpoints are written atomically: nothing is half-written)
+        return EXIT_BROKEN_PIPE
     except OSError as err:  # a path the user gave cannot be read or written
         if args.debug:
             raise
@@ -700,6 +725,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = sys.modules.get("hyperrouter.distributed")
         if module is not None:
             module.shutdown()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
 
 
 def _error_line(message: str) -> None:

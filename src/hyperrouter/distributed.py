@@ -9,7 +9,8 @@ lays the W ranks out as a 2-D mesh dp x ep (`torch.distributed.device_mesh`): ra
 over it), and ranks holding the same experts form an expert-data-parallel group.
 
 Every rank processes different tokens, so the world is the data-parallel group of the non-expert
-parameters (DistributedDataParallel), and the expert parameters of a shard are averaged over
+parameters (`average_gradients`, one flat all-reduce per step), and the expert parameters of a
+shard are averaged over
 their expert-data-parallel group (`hyperrouter.moe.expert_parallel`).
 
 `current()` returns the context of this process (single-process until `init_from_env` ran).
@@ -163,6 +164,53 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor
+
+
+def broadcast_parameters(params: list[torch.Tensor], group: Any = None) -> None:
+    """Give every rank rank 0's values of `params` (at the start of a run: the replicas begin
+    equal, whatever each rank's random state did while building its model)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+
+
+def average_gradients(params: list[torch.nn.Parameter], group: Any = None) -> None:
+    """After the step's backwards: every rank's gradients summed over `group` (the world by
+    default) and divided by its size, in one flat all-reduce per dtype. The update then equals
+    one process's on the global batch (the mean of the ranks' losses), bit for bit on 2 ranks:
+    (a + b) / 2 == a / 2 + b / 2 in floating point.
+
+    A parameter that got no gradient on any rank keeps None, as in one process (the optimizer
+    skips it); one with a gradient on some rank gets zeros where it had none. This is what
+    DistributedDataParallel with find_unused_parameters does, without its per-step search of the
+    autograd graph (routers leave parameters unused at some k: aux_free's gate at k = 1, RL-R's
+    baseline, adaptive-softmax clusters with no target in the batch)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    size = dist.get_world_size(group)
+    if size == 1 or not params:
+        return
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault((p.dtype, p.device), []).append(p)
+    for (dtype, device), ps in by_dtype.items():
+        parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in ps]
+        present = torch.tensor([p.grad is not None for p in ps], dtype=dtype, device=device)
+        flat = torch.cat([*parts, present])
+        dist.all_reduce(flat, group=group)
+        counts = flat[-len(ps) :].tolist()
+        offset = 0
+        for p, count in zip(ps, counts):
+            n = p.numel()
+            if count > 0:
+                grad = flat[offset : offset + n].view_as(p).div_(size)
+                if p.grad is None:
+                    p.grad = grad.clone()
+                else:
+                    p.grad.copy_(grad)
+            offset += n
 
 
 def on_main(fn: Callable[[], T]) -> T:

@@ -157,7 +157,7 @@ def analyze_run(
     run = load_trained(path, "best_all_experts")
     model, config = run.model, run.config
     run_dir = Path(path) if (Path(path) / "checkpoints").is_dir() else run.folder.parent.parent
-    out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
+    out = analysis_dir(path, out_dir)
     layers = model.moe_layers()
     result: dict[str, Any] = {
         "checkpoint": run.folder.name,
@@ -246,6 +246,14 @@ def analyze_run(
     if make_plots:
         plots.analysis_plots(result, out)
     return result
+
+
+def analysis_dir(path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Where `analyze_run` writes: `out_dir`, or RUN_DIR/analysis."""
+    if out_dir is not None:
+        return Path(out_dir)
+    path = Path(path)
+    return (path if (path / "checkpoints").is_dir() else path.parent.parent) / "analysis"
 
 
 def _other_checkpoints(run_dir: Path, main: Path) -> dict[str, list[MoE]]:

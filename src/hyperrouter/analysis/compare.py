@@ -37,8 +37,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hyperrouter import distributed
 from hyperrouter.analysis import plots
 from hyperrouter.analysis.analyze import ANALYSIS_KEYS, analyze_run
@@ -47,12 +45,14 @@ from hyperrouter.data.corpus import load_corpus
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.routers import ROUTERS
 from hyperrouter.train import checkpoint as ckpt
+from hyperrouter.train import runlock
 from hyperrouter.train.config import (
     RunConfig,
     apply_overrides,
     config_diff,
     config_from_dict,
     load_raw,
+    load_yaml,
 )
 from hyperrouter.train.trainer import train_run
 
@@ -68,7 +68,7 @@ AMBIGUOUS = {
 def method_presets() -> dict[str, dict[str, Any]]:
     """The method presets (configs/compare/methods.yaml), by name."""
     text = resources.files("hyperrouter").joinpath("configs/compare/methods.yaml").read_text()
-    return yaml.safe_load(text)
+    return load_yaml(text)
 
 
 def methods_available() -> list[str]:
@@ -187,7 +187,7 @@ class Sweep:
                     f"--config/--data/--set as before"
                 )
             return
-        if self.out.exists() and any(self.out.iterdir()):
+        if runlock.holds_files(self.out):
             raise HyperRouterError(f"{self.out} is not empty and holds no {SWEEP_FILE}")
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json_atomic(path, self._identity() | {"wall_seconds": {}})
@@ -462,12 +462,15 @@ def table_markdown(summary: dict[str, Any]) -> str:
     head += ["router entropy", "load CV", "load CV k=1", "expert cos-sim", "dropped"]
     head += [f"tok/s k={k}" for k in ks] + ["train tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seeds = next(iter(summary["methods"].values()))["seeds"]
     for name, m in summary["methods"].items():
         cells = [name + (" (dense)" if m["dense"] else "")]
         cells += [f"{m['parameters']['trainable']:,}", f"{m['parameters']['total']:,}"]
         for k in ks:
             s = m["by_top_k"][str(k)]
-            text = "-" if math.isnan(s["mean"]) else f"{s['mean']:.4f} ± {s['std']:.4f}"
+            text = "-" if math.isnan(s["mean"]) else f"{s['mean']:.4f}"
+            if len(seeds) > 1 and not math.isnan(s["mean"]):  # one seed has no spread
+                text += f" ± {s['std']:.4f}"
             cells.append(f"**{text}**" if summary["best"][str(k)] == name else text)
         for key in (*ANALYSIS_KEYS, "dropped_fraction"):
             a = m["analysis"]
@@ -476,10 +479,14 @@ def table_markdown(summary: dict[str, Any]) -> str:
         cells += [_speed(m["tokens_per_second"][str(k)]["mean"]) for k in ks]
         cells.append(f"{m['train_tokens_per_second']['mean']:,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    seeds = next(iter(summary["methods"].values()))["seeds"]
     lines.append("")
+    over = (
+        f"seed {seeds[0]}"
+        if len(seeds) == 1
+        else f"mean ± std over seeds {', '.join(map(str, seeds))}"
+    )
     lines.append(
-        f"Test {metric} (mean ± std over seeds {', '.join(map(str, seeds))}); best mean per "
+        f"Test {metric} ({over}); best mean per "
         f"column in bold. Dense models use all parameters at every k. Router statistics on "
         f"validation tokens at the training k (mean over layers and seeds)."
     )
@@ -503,7 +510,8 @@ def table_csv(summary: dict[str, Any]) -> str:
     for name, m in summary["methods"].items():
         row = [name, m["dense"], m["parameters"]["trainable"], m["parameters"]["total"]]
         for k in ks:
-            row += [m["by_top_k"][str(k)]["mean"], m["by_top_k"][str(k)]["std"]]
+            s = m["by_top_k"][str(k)]
+            row += [s["mean"], s["std"] if len(m["seeds"]) > 1 else ""]  # no spread of one seed
         a = m["analysis"]
         row += [
             "" if a is None or key not in a else a[key]["mean"]
@@ -529,5 +537,6 @@ def run_compare(
 ) -> dict[str, Any] | None:
     """Run (or continue) a sweep; the summary (None on the ranks other than 0 under torchrun)."""
     progress = sys.stderr.isatty() if progress is None else progress
-    sweep = Sweep(out, parse_methods(methods), seeds, base, data, overrides, experts, sizes)
-    return sweep.run(progress=progress)
+    with runlock.locked(out):  # two sweeps into one folder would train and delete each other's runs
+        sweep = Sweep(out, parse_methods(methods), seeds, base, data, overrides, experts, sizes)
+        return sweep.run(progress=progress)

@@ -43,8 +43,8 @@ does. Routers that compete on random calls (CompeteSMoE) first agree, with one s
 on whether any rank competes in this call.
 
 Training with data parallelism over the world and expert parallelism within groups of the world
-(`hyperrouter.distributed`): shard first, then wrap the sharded model in DistributedDataParallel
-ignoring `expert_parameter_names(model)`, and after backward call `reduce_expert_grads`;
+(`hyperrouter.distributed`): shard first; after backward average the gradients of every parameter
+but `expert_parameter_names(model)` over the world and call `reduce_expert_grads` for those;
 checkpoints are written in the unsharded layout by `full_state_dict` (and `full_optimizer_state`)
 and read back by `load_full_state_dict` (and `load_full_optimizer_state`) for any number of ranks.
 """
@@ -376,7 +376,7 @@ def _sharded_layers(model: nn.Module) -> Iterator[tuple[str, ExpertParallelMoE]]
 
 def expert_parameter_names(model: nn.Module) -> set[str]:
     """Names (as in model.named_parameters()) of the sharded expert parameters: the parameters
-    DistributedDataParallel must ignore (`reduce_expert_grads` averages them instead)."""
+    the world-wide gradient average must leave out (`reduce_expert_grads` averages them)."""
     return {
         f"{prefix}experts.{name}"
         for prefix, layer in _sharded_layers(model)
@@ -388,7 +388,7 @@ def reduce_expert_grads(model: nn.Module, expert_dp_group: Any, world_size: int)
     """After backward: sum each sharded expert parameter's gradient over the expert-data-parallel
     group (None: this rank alone), then divide it by `world_size`.
 
-    With DistributedDataParallel averaging the other parameters over the world, the update then
+    With the other parameters averaged over the world, the update then
     equals single-process training on the global batch (the mean of the ranks' losses). A
     parameter without a gradient on every rank of the world is left alone; one that has a
     gradient somewhere gets a zero gradient where it had none (as a slice of the unsharded stacked

@@ -68,8 +68,8 @@ class Routing:
     diagnostics (scalars, never added to the loss; e.g. LocMoE's off-node share), which the layer
     reports in `RoutingStats.extra`, the trainer in metrics.jsonl and `analyze` per layer.
     saved: tensors with a graph that the router's after-forward hook (`token_loss_terms`) uses;
-    they travel in the model's output so that data-parallel wrappers (DistributedDataParallel's
-    search for unused parameters) see every parameter the hook's losses depend on.
+    they travel in the model's output, so that what the hook's losses depend on stays visible to
+    whoever holds the output (a data-parallel wrapper's search for unused parameters, too).
     """
 
     expert_ids: Tensor

@@ -11,7 +11,9 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +26,24 @@ import yaml
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.models.transformer_xl import ModelConfig, MoEConfig, TransformerXL
 from hyperrouter.moe.schedules import SCHEDULES, top_k_at
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), plus numbers as people type them: YAML 1.1 reads `1e-3`
+    and `5E4` as strings (it wants `1.0e-3`); here they are floats, as in YAML 1.2. `1_000` is
+    already an int."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python values, reading numbers as people type them (`YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -48,6 +68,10 @@ class TrainConfig:
     warmup_steps: int = 0
     clip: float = 0.25
     weight_decay: float = 0.0
+    # divergence guard: stop when the training loss stays above divergence_factor x ln(vocabulary
+    # size) (a uniform guess, about where every run starts) for divergence_steps steps; 0 = off
+    divergence_factor: float = 2.0
+    divergence_steps: int = 20
     seed: int = 1111
     top_k_schedule: str = "linear_increase"
     top_k_min: int = 8
@@ -138,6 +162,13 @@ class RunConfig:
                 raise HyperRouterError(f"{name} must be in [0, 1), got {value}")
         if t.lr <= 0:
             raise HyperRouterError(f"train.lr must be > 0, got {t.lr}")
+        if t.divergence_factor != 0 and t.divergence_factor <= 1:
+            raise HyperRouterError(
+                f"train.divergence_factor must be > 1 (or 0 to turn the guard off), "
+                f"got {t.divergence_factor}"
+            )
+        if t.divergence_steps < 1:
+            raise HyperRouterError(f"train.divergence_steps must be >= 1, got {t.divergence_steps}")
         if t.top_k_schedule not in SCHEDULES:
             raise HyperRouterError(
                 f"unknown train.top_k_schedule {t.top_k_schedule!r}; valid: {', '.join(SCHEDULES)}"
@@ -227,8 +258,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise HyperRouterError(f"{where} must be an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise HyperRouterError(f"{where} must be a finite number, got {value!r}")
             return float(value)
-        raise HyperRouterError(f"{where} must be a number, got {value!r}")
+        raise HyperRouterError(f"{where} must be a number (e.g. 0.001, 1e-3), got {value!r}")
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -285,6 +318,20 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return _from_dict(RunConfig, data).validate()
 
 
+LEGACY_TOP_K = (
+    "moe.top_k is not a setting (k lives in the schedule): set the training k with "
+    "train.top_k_min and train.top_k_max (train.top_k_schedule=constant for a fixed k) and the "
+    "evaluated k values with eval.top_ks"
+)
+
+
+def _reject_legacy_top_k(raw: dict[str, Any], where: str) -> None:
+    """A user asking for `moe.top_k` today would be ignored (old run folders may hold it)."""
+    moe = raw.get("moe")
+    if isinstance(moe, dict) and "top_k" in moe:
+        raise HyperRouterError(f"{where}: {LEGACY_TOP_K}")
+
+
 def drop_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
     """Remove keys older versions wrote that no longer mean anything (moe.top_k)."""
     moe = data.get("moe")
@@ -308,7 +355,7 @@ def list_presets(kind: str = "train") -> dict[str, str]:
     """Preset name -> one-line description (`kind` train or finetune)."""
     out = {}
     for path in sorted(_preset_dir(kind).glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
         lines = str(raw.get("description", "")).strip().splitlines()
         out[path.stem] = lines[0] if lines else ""
     return out
@@ -328,7 +375,7 @@ def load_raw(name_or_path: str, seen: tuple[str, ...] = (), kind: str = "train")
         cause = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
         raise HyperRouterError(f"config file {name_or_path} {cause}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -337,6 +384,7 @@ def load_raw(name_or_path: str, seen: tuple[str, ...] = (), kind: str = "train")
         raise HyperRouterError(f"config file {path} is empty")
     if not isinstance(raw, dict):
         raise HyperRouterError(f"config file {path} must hold a mapping of keys to values")
+    _reject_legacy_top_k(raw, f"config file {path}")
     base = raw.pop("base", None)
     own_name = raw.get("name", path.stem)
     if base is not None:
@@ -356,10 +404,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not keys:
         raise HyperRouterError(f"--set expects key=value, got {text!r}")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = load_yaml(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return keys, parsed
+
+
+def _nested(keys: list[str], value: Any) -> dict[str, Any]:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -368,6 +422,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     options_given = set()  # sections whose router_options an override sets
     for text in overrides:
         keys, value = parse_override(text)
+        _reject_legacy_top_k(_nested(keys, value), f"--set {text}")
         if "router_options" in keys:
             options_given.add(tuple(keys[: keys.index("router_options")]))
         node = raw

@@ -35,6 +35,7 @@ from hyperrouter.models.transformer_xl import ModelConfig, MoEConfig
 from hyperrouter.moe.schedules import SCHEDULES, top_k_at
 from hyperrouter.params import parameter_summary, trainable_parameters
 from hyperrouter.train import checkpoint as ckpt
+from hyperrouter.train import runlock
 from hyperrouter.train.config import (
     EvalConfig,
     RunConfig,
@@ -299,19 +300,25 @@ def finetune_run(
     """Fine-tune, choose the checkpoint on valid, test at every k; returns results.json.
 
     Under torchrun (`hyperrouter.distributed`) every rank takes its equal share of each batch, the
-    model is wrapped in DistributedDataParallel, accuracies are counted over all ranks and only
+    gradients are averaged over the ranks, accuracies are counted over all ranks and only
     rank 0 writes. Dropout draws per rank, so results match one process statistically, not bit
     for bit (pretraining's chunked seeds do that for `hyperrouter train`)."""
+    config.validate()
+    with runlock.locked(out_dir):
+        return _finetune(config, Path(out_dir), init, progress, log)
+
+
+def _finetune(
+    config: FinetuneConfig, out: Path, init: str | None, progress: bool, log
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    config.validate()
-    out = Path(out_dir)
     ctx = distributed.current()
     main_rank = ctx.is_main
     progress = progress and main_rank
 
     def check_out() -> None:
-        if out.exists() and any(out.iterdir()):
+        if runlock.holds_files(out):
             raise HyperRouterError(f"{out} already holds files; choose another --out")
 
     distributed.on_main(check_out)
@@ -353,17 +360,10 @@ def finetune_run(
     optimizer = torch.optim.Adam(
         trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay
     )
-    forward_model: torch.nn.Module = model
+    params = trainable_parameters(model)
     if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
+        distributed.broadcast_parameters(list(model.parameters()))  # replicas start equal
         torch.manual_seed(config.seed * 1_000_003 + ctx.rank)  # each rank its own dropout
-        forward_model = DistributedDataParallel(
-            model,
-            device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=True,
-            broadcast_buffers=False,
-        )
     share = config.batch_size // ctx.world_size
     rng = random.Random(config.seed)
     order: list[int] = []
@@ -386,7 +386,7 @@ def finetune_run(
         tokens, lengths, labels = make_batch(train, index, device)
 
         def forward(tokens=tokens, lengths=lengths, labels=labels) -> ChunkResult:
-            logits, aux, outs = forward_model(tokens, lengths)
+            logits, aux, outs = model(tokens, lengths)
             per_example = F.cross_entropy(logits.float(), labels, reduction="none")
             # each token of an example shares the example's loss (for routers that learn from it)
             token_loss = per_example.detach().expand(tokens.shape[0], -1)
@@ -398,7 +398,8 @@ def finetune_run(
             [forward],
             step=step - 1,
             clip=config.clip,
-            params=trainable_parameters(model),
+            params=params,
+            after_backward=(lambda: distributed.average_gradients(params)) if ctx.enabled else None,
         )
         if ctx.enabled:
             loss = distributed.all_reduce_sum(torch.tensor([result.loss], device=device))

@@ -10,17 +10,14 @@
     for every MoE layer: layer.optimizer_step(step)        (state updated from the step's load)
 
 The per-step hook runs exactly once per optimizer step, after gradient accumulation, and never in
-evaluation (evaluation does not go through here). Under data parallelism (DistributedDataParallel)
-`no_sync` is the wrapper's context manager: every chunk but the last accumulates its gradients
-locally and the last chunk's backward averages them over the ranks; `after_backward` then runs
-(expert-parallel gradients, averaged over their own group), before clipping.
+evaluation (evaluation does not go through here). Under data parallelism `after_backward` averages
+the accumulated gradients over the ranks (`distributed.average_gradients`, and the expert-parallel
+gradients over their own group), before clipping.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -64,7 +61,6 @@ def training_step(
     step: int,
     clip: float,
     params: list[nn.Parameter],
-    no_sync: Callable[[], AbstractContextManager] | None = None,
     after_backward: Callable[[], None] | None = None,
 ) -> StepResult:
     """Run the chunks' forwards and backwards, one optimizer step, and the routers' hooks."""
@@ -79,10 +75,8 @@ def training_step(
     entropies: list[list[float]] = [[] for _ in layers]
     extras: list[dict[str, list[float]]] = [{} for _ in layers]
     dropped: list[float] = []
-    for index, run in enumerate(chunks):
-        last = index == n - 1
-        with contextlib.nullcontext() if no_sync is None or last else no_sync():
-            res = _chunk_backward(run, layers, n, aux_sums)
+    for run in chunks:
+        res = _chunk_backward(run, layers, n, aux_sums)
         loss_sum += float(res.loss.detach())
         for i, out in enumerate(res.moe_outputs):
             if out.stats is None:

@@ -8,9 +8,10 @@ The batch's `batch_size` columns (contiguous parts of the stream) are cut into G
 `train.batch_chunk` chunks, each with its own forward, backward and memory, and chunk g gets its
 own random seed (seed, step, g). Under torchrun (`hyperrouter.distributed`) the same loop runs on
 every rank, rank r takes the chunks [r G / W, (r + 1) G / W) (G is raised to the next multiple of
-the W ranks, with a log line, when it is not one), and the model is wrapped in
-DistributedDataParallel. A run therefore computes the same thing on any number of ranks that
-divides G, up to the order of the floating-point sums. Memories, metrics, validation and the
+the W ranks, with a log line, when it is not one), and after the step's backwards the gradients
+are averaged over the ranks (`distributed.average_gradients`). A run therefore computes the same
+thing on any number of ranks that divides G, up to the order of the floating-point sums (bit for
+bit on 2 ranks at equal thread counts). Memories, metrics, validation and the
 final test are reduced over the ranks; only rank 0 writes into the run folder, which every rank
 must see (one machine or a shared file system).
 """
@@ -36,6 +37,7 @@ from hyperrouter.errors import HyperRouterError
 from hyperrouter.moe import expert_parallel
 from hyperrouter.params import parameter_summary, trainable_parameters
 from hyperrouter.train import checkpoint as ckpt
+from hyperrouter.train import runlock
 from hyperrouter.train.config import RunConfig, config_diff, config_from_dict
 from hyperrouter.train.evaluate import (
     autocast,
@@ -102,18 +104,21 @@ class Run:
         self.best: dict[str, float] = {}
         self.train_tokens = 0
         self.train_seconds = 0.0
+        self.diverging_since: int | None = None  # first step of a run of losses above the guard
         if resume:
             self._restore()
         else:
             self._create()
-        self.forward_model = self._wrap_data_parallel()
+        self.replicated = self._replicated_parameters()
+        if self.dist.enabled:  # the replicas start from rank 0's values
+            distributed.broadcast_parameters(self.replicated)
 
     def _new_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.config.train
         return torch.optim.Adam(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
 
     def _check_fresh_out_dir(self) -> None:
-        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+        if runlock.holds_files(self.out_dir):
             raise HyperRouterError(
                 f"{self.out_dir} already holds files; use --resume to continue that run or "
                 f"choose another --out"
@@ -138,26 +143,21 @@ class Run:
                 f"over {world} ranks (train.batch_chunk {chunks})"
             )
 
-    def _wrap_data_parallel(self) -> torch.nn.Module:
-        """DistributedDataParallel over all ranks (the model itself when single-process).
-        Experts can get no token in a step and routers may use some parameters only on some calls:
-        unused parameters are searched for every step. Buffers are not broadcast: the routers
-        keep theirs in step by reducing their statistics over the ranks."""
-        if not self.dist.enabled:
-            return self.model
-        from torch.nn.parallel import DistributedDataParallel
+    def _replicated_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters every rank holds whole (all of them but the sharded experts)."""
+        sharded = expert_parallel.expert_parameter_names(self.model) if self.expert_parallel else ()
+        return [p for n, p in self.model.named_parameters() if n not in sharded]
 
-        cuda = self.device.type == "cuda"
-        if self.expert_parallel:  # averaged over their own group by the training step
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self.model, sorted(expert_parallel.expert_parameter_names(self.model))
+    def _average_gradients(self) -> None:
+        """Data parallelism: the replicated parameters' gradients averaged over all ranks, the
+        sharded experts' over their expert-data-parallel group (`distributed.average_gradients`)."""
+        distributed.average_gradients([p for p in self.replicated if p.requires_grad])
+        if self.expert_parallel:
+            expert_parallel.reduce_expert_grads(
+                self.model, self.dist.expert_dp_group, self.dist.world_size
             )
-        return DistributedDataParallel(
-            self.model,
-            device_ids=[self.device] if cuda else None,
-            find_unused_parameters=True,
-            broadcast_buffers=False,
-        )  # ---------------------------------------------------------------- run directory
+
+    # ---------------------------------------------------------------- run directory
 
     def _resumed_config(self, config: RunConfig | None) -> RunConfig:
         stored = self.out_dir / "config.json"
@@ -376,8 +376,7 @@ class Run:
                 step=self.step,
                 clip=t.clip,
                 params=trainable_parameters(model),
-                no_sync=getattr(self.forward_model, "no_sync", None),
-                after_backward=self._reduce_expert_grads if self.expert_parallel else None,
+                after_backward=self._average_gradients if self.dist.enabled else None,
             )
             if self.dist.enabled:  # the same loss on every rank: all stop together on divergence
                 result.loss = (
@@ -392,8 +391,9 @@ class Run:
             if not math.isfinite(loss_value):
                 raise HyperRouterError(
                     f"training diverged at step {self.step} (loss {loss_value}); "
-                    f"try a lower train.lr or train.clip"
+                    f"try a lower train.lr or train.clip{self._last_good()}"
                 )
+            self._guard_divergence(loss_value)
             elapsed = time.perf_counter() - start
             tokens = seq_len * t.batch_size
             self.step += 1
@@ -442,7 +442,7 @@ class Run:
         def forward(i: int, inp_i: Tensor, target_i: Tensor) -> ChunkResult:
             torch.manual_seed(chunk_seed(self.config.train.seed, self.step, first + i))
             with autocast(self.device, self.config.train.amp):
-                out = self.forward_model(inp_i, target_i, self.mems[i])
+                out = self.model(inp_i, target_i, self.mems[i])
             self.mems[i] = out.mems
             return ChunkResult(out.loss, out.aux_loss, out.nll, out.moe_outputs)
 
@@ -502,12 +502,40 @@ class Run:
             bar.write(f"step {self.step}: valid {metric} {line}")
         if not self.model.moe_layers():
             pointers["best_all_experts"] = pointers.get("best_train_k", False)
+        if self.diverging_since is not None:  # keep the last good checkpoint as the latest
+            if self.main:
+                bar.write(f"step {self.step}: no checkpoint (training loss above the guard)")
+            return
         self._save(**{name: "" for name, better in pointers.items() if better})
 
-    def _reduce_expert_grads(self) -> None:
-        expert_parallel.reduce_expert_grads(
-            self.model, self.dist.expert_dp_group, self.dist.world_size
-        )
+    @property
+    def divergence_limit(self) -> float:
+        """The training loss the divergence guard allows (inf when it is off)."""
+        factor = self.config.train.divergence_factor
+        return factor * math.log(len(self.corpus.vocab)) if factor else math.inf
+
+    def _guard_divergence(self, loss: float) -> None:
+        """Stop a run whose training loss stays above `divergence_limit` for
+        train.divergence_steps steps in a row (it is not learning; it would only waste time and
+        write a model that predicts worse than a uniform guess)."""
+        if loss <= self.divergence_limit:
+            self.diverging_since = None
+            return
+        if self.diverging_since is None:
+            self.diverging_since = self.step
+        t = self.config.train
+        if self.step - self.diverging_since + 1 >= t.divergence_steps:
+            raise HyperRouterError(
+                f"training stopped at step {self.step}: the training loss stayed above "
+                f"{self.divergence_limit:.3g} (train.divergence_factor {t.divergence_factor:g} x "
+                f"ln {len(self.corpus.vocab)} tokens) for {t.divergence_steps} steps (now "
+                f"{loss:.4g}); try a lower train.lr (now {t.lr:g}) or train.clip"
+                f"{self._last_good()}"
+            )
+
+    def _last_good(self) -> str:
+        latest = ckpt.read_index(self.out_dir).get("latest") if self.main else None
+        return f"; the last good checkpoint, {latest}, is kept" if latest else ""
 
     @property
     def _shard(self) -> tuple[int, int] | None:
@@ -683,7 +711,8 @@ def train_run(
     """Train (or resume) a run in `out_dir`; returns the results.json contents."""
     if config is None and not resume:
         raise HyperRouterError("a config is needed to start a new run")
-    run = Run(config, Path(out_dir), resume=resume, progress=progress, log=log)
-    if run.step >= run.config.train.steps and (run.out_dir / "results.json").exists():
-        return ckpt.read_json(run.out_dir / "results.json")
-    return run.train()
+    with runlock.locked(out_dir):
+        run = Run(config, Path(out_dir), resume=resume, progress=progress, log=log)
+        if run.step >= run.config.train.steps and (run.out_dir / "results.json").exists():
+            return ckpt.read_json(run.out_dir / "results.json")
+        return run.train()
