@@ -12,7 +12,7 @@ through all_to_all_single per training step, next to the uniform-routing formula
     4 x (MoE layers) x (tokens per rank per step) x k x (P - 1) / P x d_model x bytes per value
 
 (forward: rows out and results back; backward: the same two exchanges for the gradients). The
-DistributedDataParallel all-reduce runs inside PyTorch's C++ reducer and is not counted here; its
+gradient all-reduce of data parallelism (`distributed.average_gradients`) is not counted here; its
 volume is the trainable non-expert parameters' gradient bytes x 2 (W - 1) / W per rank and step
 (ring all-reduce), printed from the model's size.
 """

@@ -22,12 +22,11 @@ import pytest
 import torch
 from torch import distributed as dist
 from torch import multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
 
-from hyperrouter import HyperRouterError, MoE
+from hyperrouter import HyperRouterError, MoE, distributed
 from hyperrouter.models.transformer_xl import ModelConfig, MoEConfig, TransformerXL
 from hyperrouter.moe.expert_parallel import (
-    ExpertParallelMoE,
+    AllToAllDispatcher,
     expert_parameter_names,
     full_optimizer_state,
     full_state_dict,
@@ -38,6 +37,7 @@ from hyperrouter.moe.expert_parallel import (
 )
 from hyperrouter.moe.experts import grouped_mm_available
 from hyperrouter.routers import ROUTERS
+from hyperrouter.train.step import clip_grad_norm
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
@@ -45,6 +45,7 @@ pytestmark = pytest.mark.skipif(
 
 WORLD, E, D, H, VOCAB = 2, 4, 16, 8, 50
 TOKENS = (12, 9)  # tokens per rank
+CLIP = 1e-3  # far below the gradient norm: every rank must scale by the whole model's norm
 OPTIONS = {  # small sizes; token-id routers get a vocabulary; CompeteSMoE competes on every call
     "competesmoe": {"competition_rate": 1.0},
     "hash": {"vocab_size": VOCAB},
@@ -105,12 +106,10 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.shape == b.shape and err <= tol * scale, f"{what}: max error {err:.3g}"
 
 
-def check_against_single_process(
-    full: MoE, datas: list[dict], rank: int, what: str
-) -> ExpertParallelMoE:
+def check_against_single_process(full: MoE, datas: list[dict], rank: int, what: str) -> MoE:
     """Shard a copy of `full`; compare it on this rank's tokens with `full` on every rank's."""
     layer = shard_experts(copy.deepcopy(full), dist.group.WORLD)
-    assert isinstance(layer, ExpertParallelMoE)
+    assert type(layer) is MoE and isinstance(layer.dispatcher, AllToAllDispatcher)
     got = run(layer, datas[rank], 100 + rank)
     refs = [run(full, data, 100 + i) for i, data in enumerate(datas)]
     want = refs[rank]
@@ -234,8 +233,9 @@ def check_second_router_shared_experts_granularity(rank: int) -> None:
 
 
 def check_trainer_recipe(rank: int) -> None:
-    """One Adam step of the recipe (DDP-averaged router, reduce_expert_grads) equals a
-    single-process step on the global batch; checkpoints in the unsharded layout round-trip."""
+    """One clipped Adam step of the recipe (router averaged over the world, reduce_expert_grads,
+    the whole model's clip norm) equals a single-process step on the global batch; checkpoints in
+    the unsharded layout round-trip."""
     full = make_layer(backend="grouped")
     model = shard_experts(copy.deepcopy(full), dist.group.WORLD)
     names = expert_parameter_names(model)
@@ -246,17 +246,24 @@ def check_trainer_recipe(rank: int) -> None:
     datas = [batch(i, n, torch.float64) for i, n in enumerate(TOKENS)]
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     run(model, datas[rank], 0)
-    for pname, p in model.named_parameters():  # what DDP does to the other parameters
-        if pname not in names:
-            dist.all_reduce(p.grad)
-            p.grad.div_(WORLD)
+    replicated = [p for n, p in model.named_parameters() if n not in names]
+    sharded = [p for n, p in model.named_parameters() if n in names]
+    distributed.average_gradients(replicated)
     reduce_expert_grads(model, expert_dp, WORLD)
-    opt.step()
+    norm = clip_grad_norm(list(model.parameters()), CLIP, sharded, dist.group.WORLD)
 
     ref_opt = torch.optim.Adam(full.parameters(), lr=0.01)
     refs = [run(full, data, 0) for data in datas]
     for pname, p in full.named_parameters():  # the gradient of the mean of the ranks' losses
         p.grad = sum(ref["grads"][pname] for ref in refs) / WORLD
+    want_norm = torch.nn.utils.clip_grad_norm_(list(full.parameters()), CLIP)
+    assert float(norm) > 10 * CLIP  # the clip is active
+    close(norm, want_norm, "the whole model's gradient norm")
+    for (pname, p), q in zip(model.named_parameters(), full.parameters()):
+        first = model.shard.first
+        want = q.grad[first : first + p.shape[0]] if pname in names else q.grad
+        close(p.grad, want, f"clipped grad of {pname}")
+    opt.step()
     ref_opt.step()
 
     state = full_state_dict(model, dist.group.WORLD)
@@ -292,10 +299,10 @@ def check_trainer_recipe(rank: int) -> None:
         assert model.experts.w_in.grad.abs().max() == 0
 
 
-def check_ddp_on_a_model(rank: int) -> None:
-    """A 2-layer MoE Transformer-XL under DistributedDataParallel (ignoring the expert
-    parameters, EP over its own group) + reduce_expert_grads: the gradients of the single-process
-    model on the global batch."""
+def check_data_parallel_on_a_model(rank: int) -> None:
+    """A 2-layer MoE Transformer-XL with the trainer's gradient averaging (every parameter but the
+    experts over the world, EP over its own group) + reduce_expert_grads: the gradients of the
+    single-process model on the global batch."""
     cfg = ModelConfig(n_layer=2, n_head=2, d_head=8, d_model=D, d_inner=32, dropout=0.0)
     moe = MoEConfig(layers=[0, 1], num_experts=E, d_expert=H, router="smoe")
     torch.manual_seed(0)
@@ -305,14 +312,13 @@ def check_ddp_on_a_model(rank: int) -> None:
     model = shard_experts(copy.deepcopy(full), ep_group)
     names = expert_parameter_names(model)
     assert len(names) == 8
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    ddp = DistributedDataParallel(model)
     batches = [
         torch.randint(0, VOCAB, (2, 6, 2), generator=torch.Generator().manual_seed(i))
         for i in range(WORLD)
     ]
-    out = ddp(batches[rank][0], batches[rank][1])
+    out = model(batches[rank][0], batches[rank][1])
     (out.loss + out.aux_loss).backward()
+    distributed.average_gradients([p for n, p in model.named_parameters() if n not in names])
     reduce_expert_grads(model, expert_dp, WORLD)
     for data, target in batches:
         out = full(data, target)
@@ -322,7 +328,7 @@ def check_ddp_on_a_model(rank: int) -> None:
         expected = want[pname].grad
         if pname in names:
             expected = expected[rank * p.shape[0] : (rank + 1) * p.shape[0]]
-        close(p.grad, expected, f"DDP: grad of {pname}")
+        close(p.grad, expected, f"data parallel: grad of {pname}")
 
 
 def check_api(rank: int) -> None:
@@ -357,7 +363,7 @@ def worker(rank: int, store: str) -> None:
         check_capacity_across_the_group(rank)
         check_second_router_shared_experts_granularity(rank)
         check_trainer_recipe(rank)
-        check_ddp_on_a_model(rank)
+        check_data_parallel_on_a_model(rank)
     finally:
         dist.destroy_process_group()
 

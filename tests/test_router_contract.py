@@ -186,3 +186,23 @@ def test_an_empty_batch_behaves_like_any_other(name: str) -> None:
         )
         everything_masked.sum().backward()
         assert torch.equal(padded.grad, torch.zeros(2, 3, D))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("training", [False, True])
+def test_router_math_is_fp32_under_bf16_autocast(name: str, training: bool) -> None:
+    """Under bf16 autocast every router routes exactly as in fp32 (the layer runs routers in full
+    precision): the same experts, the same fp32 combine weights and logits."""
+    layer = make(name).train(training)
+    x = torch.randn(3, 8, D)
+    outs = []
+    for autocast in (False, True):
+        torch.manual_seed(5)  # routers that sample draw the same numbers
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs.append(layer(x, top_k=2, return_details=True, **ids_for(x.shape[:-1])).routing)
+        layer.zero_grad(set_to_none=True)
+    fp32, bf16 = outs
+    assert torch.equal(bf16.expert_ids, fp32.expert_ids)
+    assert bf16.weights.dtype == torch.float32 and torch.equal(bf16.weights, fp32.weights)
+    if fp32.logits is not None:
+        assert bf16.logits.dtype == torch.float32 and torch.equal(bf16.logits, fp32.logits)

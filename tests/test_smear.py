@@ -90,7 +90,7 @@ def test_expert_dropout_only_in_training_and_weights_stay_normalised() -> None:
 
 
 def test_one_hot_router_probabilities_run_that_single_expert() -> None:
-    from hyperrouter.moe.dispatch import merge_dispatch
+    from hyperrouter.moe.dispatch import LocalDispatcher, Routed
     from hyperrouter.routers import Routing
 
     torch.manual_seed(0)
@@ -99,5 +99,24 @@ def test_one_hot_router_probabilities_run_that_single_expert() -> None:
     for e in range(E):
         ids = torch.arange(E).expand(5, -1)
         weights = torch.nn.functional.one_hot(torch.full((5,), e), E).float()
-        y = merge_dispatch(layer.experts, x, Routing(ids, weights), None, "auto", x.dtype, False)
+        routed = Routed(x, Routing(ids, weights), None, "auto", x.dtype, False)
+        y = LocalDispatcher().merge(layer.experts, routed)
         torch.testing.assert_close(y, layer.experts.expert_forward(e, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("summary", ["mean", "causal"])
+def test_expert_dropout_draws_one_mask_per_sequence(summary: str) -> None:
+    """As the reference (one mask per example): every token of a sequence merges the same
+    experts, so with the whole-sequence mean one sequence gets one merged expert."""
+    torch.manual_seed(0)
+    options = {"expert_dropout": 0.5, "summary": summary}
+    layer = MoE(D, E, H, 1, router="smear", router_options=options).train()
+    x = torch.randn(2, 10, D)
+    sequence_ids = torch.arange(2).unsqueeze(1).expand(2, 10)
+    routing = layer(x, return_details=True, sequence_ids=sequence_ids).routing
+    dropped = (routing.weights == 0).reshape(2, 10, E)
+    for s in range(2):
+        assert (dropped[s] == dropped[s, 0]).all()  # one mask per sequence
+    assert (dropped[0] != dropped[1]).any()  # drawn per sequence, not once per call
+    if summary == "mean":
+        assert torch.unique(routing.weights.reshape(2, 10, E)[0], dim=0).shape[0] == 1

@@ -1,101 +1,131 @@
-"""Dispatch strategies: how the routed tokens reach the experts and come back.
+"""Dispatchers: how the routed tokens reach the experts and come back.
 
-A dispatcher takes the experts, the routed tokens x_TD, the router's `Routing`, the final keep mask
-(router drops and capacity), the backend name and the compute dtype, and returns y_TD. The router
-never sees how; the experts' math (`hyperrouter.moe.experts`) never sees the routing policy.
+A router decides, a dispatcher moves tokens, experts compute. The layer (`hyperrouter.moe.layer`)
+holds one dispatcher object, chosen when the layer is built (`LocalDispatcher`: every expert on
+this process) or sharded (`hyperrouter.moe.expert_parallel.AllToAllDispatcher`: the experts
+spread over an expert-parallel group, rows exchanged with all-to-all). Everything the layer does
+that depends on where the experts live goes through it, and only through it:
 
+    run(strategy, experts, routed) -> y_TD   carry out one routing (`Routed`)
+    capacity_keep(...)                       the keep mask under a capacity limit (counted over
+                                             the tokens the experts see: this call's, or the
+                                             expert-parallel group's)
+    expert_weights(experts, dtype)           every expert's stacked weights (gathered when sharded)
+    any_rank(flag)                           whether any rank of the group says yes
+    collective                               whether every rank must call even without tokens
+    shard                                    where the experts live (None: all here)
+
+Strategies (the `strategy` of `run`; a router may require one, `Router.dispatch`):
 - `tokens`: token dispatch, out[t] = sum_k keep[t,k] * weights[t,k] * expert_{ids[t,k]}(x[t]),
   through the expert backends (reference, grouped, grouped_mm, dense).
-
 - `merge`: parameter merging (SMEAR): each token is processed by ONE expert whose parameters are
   the routing-weighted average of the experts' parameters, out[t] = f(x[t]; sum_e w[t,e] theta_e)
   with `routing.expert_ids` = every expert. Since each layer of an expert is linear in its
   parameters, x (sum_e w_e W_e) = sum_e w_e (x W_e): computed without materialising per-token
   merged weights, at the cost of running every expert's two GEMMs on every token (like the
   `dense` backend). The backends are not used.
-
-Other strategies register here with `register_dispatch`; the layer picks one by name
-(`MoE(dispatch=...)`), and a router may require one (`Router.dispatch`). Expert parallelism
-(`hyperrouter.moe.expert_parallel`) has its own versions of `tokens` and `merge`.
+A new strategy is a method of that name on the dispatchers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from hyperrouter.errors import HyperRouterError
-from hyperrouter.moe.experts import BACKEND_FUNCTIONS, Experts, ExpertWeights
+from hyperrouter.moe.experts import (
+    BACKEND_FUNCTIONS,
+    Experts,
+    ExpertWeights,
+    capacity_keep_mask,
+    expert_capacity,
+)
 from hyperrouter.routers import Routing
 
-Dispatcher = Callable[[Experts, Tensor, Routing, "Tensor | None", str, torch.dtype, bool], Tensor]
-DISPATCHERS: dict[str, Dispatcher] = {}
-
-
-def register_dispatch(name: str) -> Callable[[Dispatcher], Dispatcher]:
-    """Function decorator adding a dispatch strategy under `name`."""
-
-    def wrap(fn: Dispatcher) -> Dispatcher:
-        if name in DISPATCHERS:
-            raise ValueError(f"dispatch {name!r} is already registered")
-        DISPATCHERS[name] = fn
-        return fn
-
-    return wrap
+STRATEGIES = ("tokens", "merge")
 
 
 def check_dispatch(name: str) -> str:
-    if name not in DISPATCHERS:
-        raise HyperRouterError(f"unknown dispatch {name!r}; valid: {', '.join(DISPATCHERS)}")
+    if name not in STRATEGIES:
+        raise HyperRouterError(f"unknown dispatch {name!r}; valid: {', '.join(STRATEGIES)}")
     return name
 
 
-@register_dispatch("tokens")
-def token_dispatch(
-    experts: Experts,
-    x_TD: Tensor,
-    routing: Routing,
-    keep_TK: Tensor | None,
-    backend: str,
-    compute_dtype: torch.dtype,
-    autocast: bool,
-) -> Tensor:
-    """Each (token, slot) pair to its expert through the chosen backend, weighted and summed."""
-    run = BACKEND_FUNCTIONS[backend]
-    weights = experts.weights(compute_dtype if autocast else None)
-    with torch.autocast(x_TD.device.type, enabled=False):  # the backends cast explicitly
-        return run(
-            experts, weights, x_TD.to(compute_dtype), routing.expert_ids, routing.weights, keep_TK
-        )
+@dataclass
+class Routed:
+    """One routing to carry out: the layer's tokens x_TD, the router's `Routing`, the final keep
+    mask (router drops and capacity; None keeps every pair), the expert backend, the compute dtype
+    and whether autocast is on (the experts then cast their weights to it)."""
+
+    x_TD: Tensor
+    routing: Routing
+    keep_TK: Tensor | None
+    backend: str
+    compute_dtype: torch.dtype
+    autocast: bool
+
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        return self.compute_dtype if self.autocast else None
 
 
-@register_dispatch("merge")
-def merge_dispatch(
-    experts: Experts,
-    x_TD: Tensor,
-    routing: Routing,
-    keep_TK: Tensor | None,
-    backend: str,
-    compute_dtype: torch.dtype,
-    autocast: bool,
-) -> Tensor:
-    """One merged expert per token: f(x_t; sum_e w_te theta_e) (SMEAR); `backend` is unused."""
-    p = experts.weights(compute_dtype if autocast else None)
-    return merged_forward(experts, p, x_TD, routing, keep_TK, compute_dtype)
+class LocalDispatcher:
+    """Every expert on this process."""
+
+    collective = False
+    shard: Any = None
+
+    def run(self, strategy: str, experts: Experts, routed: Routed) -> Tensor:
+        """y_TD: the experts' combined output for `routed` through `strategy`."""
+        return getattr(self, strategy)(experts, routed)
+
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        return flag
+
+    def capacity_keep(
+        self,
+        ids_TK: Tensor,
+        keep_TK: Tensor | None,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float,
+    ) -> Tensor:
+        """The keep mask [T, K] under `capacity_factor`, counted over this call's T tokens."""
+        capacity = expert_capacity(ids_TK.shape[0], num_experts, top_k, capacity_factor)
+        return capacity_keep_mask(ids_TK, num_experts, capacity, keep_TK)
+
+    def expert_weights(self, experts: Experts, dtype: torch.dtype | None = None) -> ExpertWeights:
+        """The stacked weights of all the layer's experts (cast to `dtype` when given)."""
+        return experts.weights(dtype)
+
+    def tokens(self, experts: Experts, routed: Routed) -> Tensor:
+        """Each (token, slot) pair to its expert through the chosen backend, weighted and summed."""
+        run = BACKEND_FUNCTIONS[routed.backend]
+        weights = experts.weights(routed.weights_dtype)
+        routing = routed.routing
+        with torch.autocast(routed.x_TD.device.type, enabled=False):  # backends cast explicitly
+            return run(
+                experts,
+                weights,
+                routed.x_TD.to(routed.compute_dtype),
+                routing.expert_ids,
+                routing.weights,
+                routed.keep_TK,
+            )
+
+    def merge(self, experts: Experts, routed: Routed) -> Tensor:
+        """One merged expert per token: f(x_t; sum_e w_te theta_e) (SMEAR); no backend."""
+        return merged_forward(experts, self.expert_weights(experts, routed.weights_dtype), routed)
 
 
-def merged_forward(
-    experts: Experts,
-    p: ExpertWeights,
-    x_TD: Tensor,
-    routing: Routing,
-    keep_TK: Tensor | None,
-    compute_dtype: torch.dtype,
-) -> Tensor:
+def merged_forward(experts: Experts, p: ExpertWeights, routed: Routed) -> Tensor:
     """The `merge` computation with the stacked weights `p` of all the routing's experts
     (`experts` gives the activation and dropout; expert parallelism passes gathered weights)."""
+    x_TD, routing, keep_TK = routed.x_TD, routed.routing, routed.keep_TK
+    compute_dtype = routed.compute_dtype
     num_tokens, num_experts = x_TD.shape[0], p.w_in.shape[0]
     w_TK = routing.weights.to(compute_dtype)
     if keep_TK is not None:

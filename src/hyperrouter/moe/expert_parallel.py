@@ -1,10 +1,12 @@
 """Expert parallelism: the experts of every MoE layer spread over the ranks of a process group.
 
-`shard_experts(model, ep_group)` turns every `MoE` layer of a model into an `ExpertParallelMoE`
-in place. With P ranks in the group and E experts (E % P == 0), rank j keeps the experts
-[j E/P, (j+1) E/P): its `layer.experts` is an `Experts` of E/P experts whose parameters are those
-slices of the full layer (so ranks built from the same seed hold consistent shards; state-dict keys
-are unchanged, shapes are [E/P, ...]). The router, shared experts and gates stay replicated.
+`shard_experts(model, ep_group)` makes every `MoE` layer of a model expert-parallel in place: it
+keeps each layer's shard of the experts and gives the layer an `AllToAllDispatcher` (the layer's
+class and code stay those of `MoE`; only its dispatcher object changes). With P ranks in the
+group and E experts (E % P == 0), rank j keeps the experts [j E/P, (j+1) E/P): its
+`layer.experts` is an `Experts` of E/P experts whose parameters are those slices of the full
+layer (so ranks built from the same seed hold consistent shards; state-dict keys are unchanged,
+shapes are [E/P, ...]). The router, shared experts and gates stay replicated.
 
 Semantics. Routing is local: on each rank the layer is exactly the single-process layer applied to
 that rank's tokens (the same routing, combine weights, auxiliary losses, statistics, `MoEOutput`
@@ -51,7 +53,7 @@ and read back by `load_full_state_dict` (and `load_full_optimizer_state`) for an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +63,7 @@ from torch import distributed as dist
 from torch.autograd.function import once_differentiable
 
 from hyperrouter.errors import HyperRouterError
-from hyperrouter.moe.dispatch import merged_forward
+from hyperrouter.moe.dispatch import LocalDispatcher, Routed
 from hyperrouter.moe.experts import (
     BACKEND_FUNCTIONS,
     Experts,
@@ -70,7 +72,6 @@ from hyperrouter.moe.experts import (
     expert_capacity,
 )
 from hyperrouter.moe.layer import MoE
-from hyperrouter.routers import Router, Routing, RoutingContext
 
 
 @dataclass(frozen=True)
@@ -149,169 +150,96 @@ def gather_expert_weights(
     )
 
 
-def _any_rank(flag: bool, device: torch.device, group) -> bool:
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item())
+# --------------------------------------------------------------------------- the dispatcher
 
 
-# --------------------------------------------------------------------------- dispatch
-
-
-def _token_dispatch(
-    experts: Experts,
-    shard: ExpertShard,
-    x_TD: Tensor,
-    routing: Routing,
-    keep_TK: Tensor | None,
-    backend: str,
-    compute_dtype: torch.dtype,
-    autocast: bool,
-) -> Tensor:
-    """Kept pairs' rows to their experts' owners, computed there, back and combined here."""
-    ids_TK = routing.expert_ids
-    flat_ids = ids_TK.reshape(-1)
-    rows = torch.argsort(flat_ids, stable=True)  # expert order, hence owner order
-    if keep_TK is not None:
-        rows = rows[keep_TK.reshape(-1).index_select(0, rows)]
-    counts_E = torch.bincount(flat_ids.index_select(0, rows), minlength=shard.num_experts)
-    recv_counts = torch.empty_like(counts_E)  # [size * count]: rows of each local expert per rank
-    dist.all_to_all_single(recv_counts, counts_E, group=shard.group)
-    send_splits = counts_E.view(shard.size, shard.count).sum(1).tolist()
-    recv_splits = recv_counts.view(shard.size, shard.count).sum(1).tolist()
-    tokens = torch.div(rows, ids_TK.shape[1], rounding_mode="floor")
-    weights = experts.weights(compute_dtype if autocast else None)
-    with torch.autocast(x_TD.device.type, enabled=False):  # the backends cast explicitly
-        x_ND = exchange_rows(
-            x_TD.to(compute_dtype).index_select(0, tokens), send_splits, recv_splits, shard.group
-        )
-        num_rows = x_ND.shape[0]
-        if num_rows == 0:  # still in the graph, so the backward runs the reverse exchanges here
-            y_ND = x_ND + sum(w.sum() * 0 for w in weights if w is not None)
-        else:
-            local_ids = torch.arange(shard.count, device=x_ND.device).repeat(shard.size)
-            ids_N1 = local_ids.repeat_interleave(recv_counts, output_size=num_rows).unsqueeze(1)
-            run = BACKEND_FUNCTIONS["grouped" if backend == "dense" else backend]
-            y_ND = run(experts, weights, x_ND, ids_N1, x_ND.new_ones(num_rows, 1), None)
-        y_RD = exchange_rows(y_ND, recv_splits, send_splits, shard.group)
-        w_R1 = routing.weights.reshape(-1).index_select(0, rows).unsqueeze(1).to(y_RD.dtype)
-        y_TD = y_RD.new_zeros(x_TD.shape[0], x_TD.shape[1])
-        return y_TD.index_add(0, tokens, y_RD * w_R1)
-
-
-def _merge_dispatch(
-    experts: Experts,
-    shard: ExpertShard,
-    x_TD: Tensor,
-    routing: Routing,
-    keep_TK: Tensor | None,
-    backend: str,
-    compute_dtype: torch.dtype,
-    autocast: bool,
-) -> Tensor:
-    """SMEAR's merged expert per token, with every expert's parameters gathered."""
-    weights = gather_expert_weights(experts, shard, compute_dtype if autocast else None)
-    return merged_forward(experts, weights, x_TD, routing, keep_TK, compute_dtype)
-
-
-ShardedDispatcher = Callable[
-    [Experts, ExpertShard, Tensor, Routing, "Tensor | None", str, torch.dtype, bool], Tensor
-]
-# the expert-parallel versions of `hyperrouter.moe.dispatch.DISPATCHERS`
-EXPERT_PARALLEL_DISPATCHERS: dict[str, ShardedDispatcher] = {
-    "tokens": _token_dispatch,
-    "merge": _merge_dispatch,
-}
-
-
-# --------------------------------------------------------------------------- the layer
-
-
-class ExpertParallelMoE(MoE):
-    """An `MoE` layer whose experts are spread over an expert-parallel group (module docstring).
-
-    Made from an `MoE` by `shard_experts`, never built directly: `experts` holds this rank's
-    `shard.count` experts, `num_experts` stays the layer's E.
-    """
+class AllToAllDispatcher(LocalDispatcher):
+    """The dispatcher of a layer whose experts are spread over an expert-parallel group (module
+    docstring): `shard_experts` gives it to the layer, whose `experts` then hold this rank's
+    `shard.count` experts (`num_experts` stays the layer's E)."""
 
     collective = True
-    shard: ExpertShard
 
-    def extra_repr(self) -> str:
-        shard = self.shard
-        return (
-            f"{super().extra_repr()}, expert_parallel={shard.size} "
-            f"(experts {shard.first}..{shard.first + shard.count - 1} here)"
-        )
+    def __init__(self, shard: ExpertShard) -> None:
+        self.shard = shard
 
-    def _route(self, x_TD: Tensor, ctx: RoutingContext) -> Routing:
-        """The layer's routing; when any rank competes, every rank joins the parameter gather."""
-        if type(self.router).wants_expert_responses is Router.wants_expert_responses:
-            return self.router(x_TD, ctx)
-        wants = x_TD.shape[0] > 0 and self.router.wants_expert_responses(ctx)
-        if not _any_rank(wants, x_TD.device, self.shard.group):
-            return self.router(x_TD, ctx)
-        with torch.no_grad():  # every rank takes part: the competing ranks need every expert
-            weights = gather_expert_weights(self.experts, self.shard)
-        if not wants:
-            return self.router(x_TD, ctx)
-        return self.router.route_by_responses(x_TD, ctx, self._responses(x_TD, weights))
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        value = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.shard.group)
+        return bool(value.item())
 
-    def _capacity_keep(self, ids_TK: Tensor, keep_TK: Tensor | None, top_k: int) -> Tensor:
+    def expert_weights(self, experts: Experts, dtype: torch.dtype | None = None) -> ExpertWeights:
+        """Every expert's weights, gathered from their owners (a differentiable collective)."""
+        return gather_expert_weights(experts, self.shard, dtype)
+
+    def capacity_keep(
+        self,
+        ids_TK: Tensor,
+        keep_TK: Tensor | None,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float,
+    ) -> Tensor:
         """The keep mask of this rank's pairs under a capacity counted over the whole group, in
         the priority order of the group's tokens concatenated in rank order."""
-        group, num_experts = self.shard.group, self.num_experts
+        shard = self.shard
         num_tokens, slots = ids_TK.shape
         shape = torch.tensor([num_tokens, slots], device=ids_TK.device)
-        shapes = [torch.empty_like(shape) for _ in range(self.shard.size)]
-        dist.all_gather(shapes, shape, group=group)
+        shapes = [torch.empty_like(shape) for _ in range(shard.size)]
+        dist.all_gather(shapes, shape, group=shard.group)
         sizes = torch.stack(shapes).tolist()
         max_tokens = max(1, max(t for t, _ in sizes))
         max_slots = max(1, max(k for _, k in sizes))
         kept_TK = ids_TK if keep_TK is None else torch.where(keep_TK, ids_TK, num_experts)
         padded = ids_TK.new_full((max_tokens, max_slots), num_experts, dtype=torch.int32)
         padded[:num_tokens, :slots] = kept_TK
-        gathered = [torch.empty_like(padded) for _ in range(self.shard.size)]
-        dist.all_gather(gathered, padded, group=group)
+        gathered = [torch.empty_like(padded) for _ in range(shard.size)]
+        dist.all_gather(gathered, padded, group=shard.group)
         ids_NK = torch.cat([g[:t] for g, (t, _) in zip(gathered, sizes)]).long()
-        capacity = expert_capacity(ids_NK.shape[0], num_experts, top_k, self.capacity_factor)
+        capacity = expert_capacity(ids_NK.shape[0], num_experts, top_k, capacity_factor)
         keep_NK = capacity_keep_mask(ids_NK, num_experts, capacity, ids_NK < num_experts)
-        start = sum(t for t, _ in sizes[: self.shard.rank])
+        start = sum(t for t, _ in sizes[: shard.rank])
         return keep_NK[start : start + num_tokens, :slots]
 
-    def _dispatch(
-        self,
-        dispatch: str,
-        x_TD: Tensor,
-        routing: Routing,
-        keep_TK: Tensor | None,
-        backend: str,
-        compute_dtype: torch.dtype,
-        autocast: bool,
-    ) -> Tensor:
-        run = EXPERT_PARALLEL_DISPATCHERS[dispatch]
-        return run(
-            self.experts, self.shard, x_TD, routing, keep_TK, backend, compute_dtype, autocast
-        )
-
-    @torch.no_grad()
-    def expert_responses(self, x_TD: Tensor) -> Tensor:
-        """Every expert's output on every token, detached: [T, E, d_model]. A collective: every
-        rank of the group must call it (each gathers all the experts' parameters)."""
-        return self._responses(x_TD, gather_expert_weights(self.experts, self.shard))
-
-    @torch.no_grad()
-    def _responses(self, x_TD: Tensor, weights: ExpertWeights) -> Tensor:
-        x = x_TD.detach()
-        experts = self.experts
-        return torch.stack(
-            [experts.expert_forward(e, x, weights) for e in range(self.num_experts)], 1
-        )
+    def tokens(self, experts: Experts, routed: Routed) -> Tensor:
+        """Kept pairs' rows to their experts' owners, computed there, back and combined here."""
+        shard, x_TD, keep_TK = self.shard, routed.x_TD, routed.keep_TK
+        ids_TK = routed.routing.expert_ids
+        flat_ids = ids_TK.reshape(-1)
+        rows = torch.argsort(flat_ids, stable=True)  # expert order, hence owner order
+        if keep_TK is not None:
+            rows = rows[keep_TK.reshape(-1).index_select(0, rows)]
+        counts_E = torch.bincount(flat_ids.index_select(0, rows), minlength=shard.num_experts)
+        recv_counts = torch.empty_like(counts_E)  # [size * count]: rows per local expert per rank
+        dist.all_to_all_single(recv_counts, counts_E, group=shard.group)
+        send_splits = counts_E.view(shard.size, shard.count).sum(1).tolist()
+        recv_splits = recv_counts.view(shard.size, shard.count).sum(1).tolist()
+        tokens = torch.div(rows, ids_TK.shape[1], rounding_mode="floor")
+        weights = experts.weights(routed.weights_dtype)
+        with torch.autocast(x_TD.device.type, enabled=False):  # the backends cast explicitly
+            x_rows = x_TD.to(routed.compute_dtype).index_select(0, tokens)
+            x_ND = exchange_rows(x_rows, send_splits, recv_splits, shard.group)
+            num_rows = x_ND.shape[0]
+            if num_rows == 0:  # still in the graph, so the backward runs the reverse exchanges
+                y_ND = x_ND + sum(w.sum() * 0 for w in weights if w is not None)
+            else:
+                local_ids = torch.arange(shard.count, device=x_ND.device).repeat(shard.size)
+                ids_N1 = local_ids.repeat_interleave(recv_counts, output_size=num_rows)
+                backend = "grouped" if routed.backend == "dense" else routed.backend
+                ones = x_ND.new_ones(num_rows, 1)
+                y_ND = BACKEND_FUNCTIONS[backend](
+                    experts, weights, x_ND, ids_N1.unsqueeze(1), ones, None
+                )
+            y_RD = exchange_rows(y_ND, recv_splits, send_splits, shard.group)
+            w_R1 = routed.routing.weights.reshape(-1).index_select(0, rows).unsqueeze(1)
+            y_TD = y_RD.new_zeros(x_TD.shape[0], x_TD.shape[1])
+            return y_TD.index_add(0, tokens, y_RD * w_R1.to(y_RD.dtype))
 
 
 def shard_experts(model: nn.Module, ep_group: Any) -> nn.Module:
     """Make every MoE layer of `model` (or `model` itself, a layer) expert-parallel over
-    `ep_group`, in place; returns `model`. A group of one rank (or None) changes nothing.
+    `ep_group`, in place: each layer keeps its experts' shard and gets an `AllToAllDispatcher`.
+    Returns `model`. A group of one rank (or None) changes nothing.
 
     Every rank of the group must call it on an identical model (the same seed or checkpoint).
     """
@@ -323,27 +251,17 @@ def shard_experts(model: nn.Module, ep_group: Any) -> nn.Module:
     named = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     for name, layer in named:
         where = f"MoE layer {name!r}" if name else "the MoE layer"
-        if isinstance(layer, ExpertParallelMoE):
+        if layer.shard is not None:
             raise HyperRouterError(f"{where} is already expert-parallel")
         if layer.num_experts % size:
             raise HyperRouterError(
                 f"{where} has E={layer.num_experts} experts, not divisible by the "
                 f"expert-parallel size P={size}: use a multiple of {size} experts"
             )
-        dispatches = {layer.router.dispatch or layer.dispatch}
-        if layer.second_router is not None:
-            dispatches.add(layer.second_router.dispatch or "tokens")
-        unsupported = sorted(dispatches - set(EXPERT_PARALLEL_DISPATCHERS))
-        if unsupported:
-            raise HyperRouterError(
-                f"{where}: dispatch {unsupported[0]!r} has no expert-parallel version; valid: "
-                f"{', '.join(EXPERT_PARALLEL_DISPATCHERS)}"
-            )
     for _, layer in named:
         shard = ExpertShard(ep_group, size, rank, layer.num_experts)
         layer.experts = _local_experts(layer.experts, shard.first, shard.count)
-        layer.__class__ = ExpertParallelMoE
-        layer.shard = shard
+        layer.dispatcher = AllToAllDispatcher(shard)
     return model
 
 
@@ -367,10 +285,10 @@ def _local_experts(full: Experts, first: int, count: int) -> Experts:
 # --------------------------------------------------------------------------- trainer helpers
 
 
-def _sharded_layers(model: nn.Module) -> Iterator[tuple[str, ExpertParallelMoE]]:
+def _sharded_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
     """(name prefix of its parameters, layer) for every expert-parallel layer."""
     for name, module in model.named_modules():
-        if isinstance(module, ExpertParallelMoE):
+        if isinstance(module, MoE) and module.shard is not None:
             yield (f"{name}." if name else ""), module
 
 
@@ -417,7 +335,7 @@ def reduce_expert_grads(model: nn.Module, expert_dp_group: Any, world_size: int)
         p.grad.div_(world_size)
 
 
-def _check_group(model: nn.Module, ep_group: Any) -> list[tuple[str, ExpertParallelMoE]]:
+def _check_group(model: nn.Module, ep_group: Any) -> list[tuple[str, MoE]]:
     """The expert-parallel layers, checked to be sharded over `ep_group`."""
     layers = list(_sharded_layers(model))
     size = 1 if ep_group is None else dist.get_world_size(ep_group)

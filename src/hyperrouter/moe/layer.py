@@ -1,33 +1,36 @@
 """`MoE`: a drop-in replacement for a Transformer FFN (router -> dispatch -> experts -> combine).
 
-The router decides (`hyperrouter.routers`), a dispatch strategy moves tokens to experts and back
-(`hyperrouter.moe.dispatch`: token dispatch through the expert backends today; parameter merging
-plugs in beside it), the experts compute (`hyperrouter.moe.experts`). Optional shared experts form
-an extra path every token takes, added to the routed output or mixed with it by a learned gate.
-Expert parallelism (`hyperrouter.moe.expert_parallel`) turns a layer into a subclass that
-overrides the routing, capacity and dispatch hooks (`_route`, `_capacity_keep`, `_dispatch`).
+The router decides (`hyperrouter.routers`), the layer's dispatcher object moves tokens to experts
+and back (`hyperrouter.moe.dispatch`: token dispatch through the expert backends, or parameter
+merging), the experts compute (`hyperrouter.moe.experts`). Optional shared experts form an extra
+path every token takes, added to the routed output or mixed with it by a learned gate; an
+optional second router routes the same experts again through the same dispatcher. Expert
+parallelism (`hyperrouter.moe.expert_parallel`) gives a layer another dispatcher; nothing else
+about the layer changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch import distributed as dist
 
 from hyperrouter.errors import HyperRouterError
-from hyperrouter.moe.dispatch import DISPATCHERS, check_dispatch
+from hyperrouter.moe.dispatch import LocalDispatcher, Routed, check_dispatch
 from hyperrouter.moe.experts import (
     BACKENDS,
     Experts,
-    capacity_keep_mask,
+    ExpertWeights,
     choose_backend,
     dense_backend,
-    expert_capacity,
 )
-from hyperrouter.routers import Routing, RoutingContext, build_router
+from hyperrouter.routers import Router, Routing, RoutingContext, build_router
 from hyperrouter.routers.base import fp32_linear
 from hyperrouter.routers.losses import at_least_fp32
 
@@ -85,17 +88,15 @@ class MoE(nn.Module):
         shared_experts: DeepSeekMoE shared experts (of width shared_d_hidden, default d_hidden)
             that every token uses, outside the routing. shared_mix: "sum" adds their output to the
             routed one (DeepSeekMoE); "gate" mixes the two with a learned per-token 2-way softmax.
-        dispatch: how tokens reach experts (`hyperrouter.moe.dispatch.DISPATCHERS`).
+        dispatch: the dispatch strategy, `tokens` or `merge` (`hyperrouter.moe.dispatch`); a
+            router may require one. Where the experts live is the layer's `dispatcher` object
+            (`LocalDispatcher`; expert parallelism gives it another, `shard_experts`).
         second_router: a second routing of the same experts (its name; second_router_options
             its options; second_top_k its k), whose output is mixed with the first path's by a
             learned per-token 2-way softmax gate, y = g_0 y_routed + g_1 y_second, in training
             and in inference (VQMoE's layer: `second_router="vqmoe"`). Its auxiliary losses join
             the layer's (a name the first router also uses gets the prefix `second_`).
     """
-
-    # True when the expert computation is a collective that every rank joins on every call, even
-    # without tokens (expert parallelism): the layer then never skips it for an empty batch
-    collective: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -149,6 +150,7 @@ class MoE(nn.Module):
                 f"unknown shared_mix {shared_mix!r}; valid: {', '.join(SHARED_MIXES)}"
             )
         self.dispatch = check_dispatch(dispatch)
+        self.dispatcher = LocalDispatcher()
         self.d_model = d_model
         self.granularity = granularity
         self.num_experts = num_experts * granularity
@@ -223,8 +225,17 @@ class MoE(nn.Module):
     def backend(self, value: str) -> None:
         self._backend = _check_backend(value)
 
+    @property
+    def shard(self) -> Any:
+        """Where this layer's experts live (`ExpertShard`), None when all are here."""
+        return self.dispatcher.shard
+
     def extra_repr(self) -> str:
         extra = f", shared={self.shared.num_experts}" if self.shared is not None else ""
+        shard = self.shard
+        if shard is not None:
+            last = shard.first + shard.count - 1
+            extra += f", expert_parallel={shard.size} (experts {shard.first}..{last} here)"
         return f"router={self.router_name}, top_k={self.top_k}, backend={self.backend}{extra}"
 
     def _check_top_k(self, value: object) -> int:
@@ -237,6 +248,11 @@ class MoE(nn.Module):
         return value
 
     # ---------------------------------------------------------------- training hooks
+    @property
+    def routers(self) -> list[Router]:
+        """The layer's routers: the first path's, and the second path's when there is one."""
+        return [r for r in (self.router, self.second_router) if r is not None]
+
     def token_loss_terms(self, token_loss: Tensor) -> dict[str, Tensor]:
         """The router's extra losses from the per-token task loss of the last training forward.
 
@@ -261,7 +277,8 @@ class MoE(nn.Module):
         return terms
 
     def optimizer_step(self, step: int) -> None:
-        """Called once per optimizer step in training: the router sees the load since the last."""
+        """Called once per optimizer step in training: the router sees the load since the last
+        (over every rank once `sum_loads_over_ranks` ran, as the training step does)."""
         for router, attr in (
             (self.router, "load_since_step"),
             (self.second_router, "second_load_since_step"),
@@ -295,24 +312,14 @@ class MoE(nn.Module):
         """
         self._check_input(x)
         k = self.top_k if top_k is None else self._check_top_k(top_k)
-        backend_name = self.backend if backend is None else _check_backend(backend)
+        backend = self.backend if backend is None else _check_backend(backend)
         if self.router.uses_all_experts:
             k = self.num_experts
-
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         lead = x.shape[:-1]
-        x_TD = x.reshape(-1, self.d_model)
-        token_idx = None
-        if mask is not None:
-            if mask.shape != lead:
-                raise HyperRouterError(
-                    f"mask shape must be x.shape[:-1]={tuple(lead)}, got {tuple(mask.shape)}"
-                )
-            token_idx = mask.reshape(-1).nonzero(as_tuple=True)[0]
-            x_TD = x_TD.index_select(0, token_idx)
-        num_tokens = x_TD.shape[0]
+        x_TD, token_idx = self._real_tokens(x, mask)
         ctx = RoutingContext(
             top_k=k,
             training=self.training,
@@ -321,102 +328,120 @@ class MoE(nn.Module):
             sequence_ids=self._per_token(sequence_ids, "sequence_ids", lead, token_idx),
         )
 
-        routing = self._route(x_TD, ctx)
-        keep_TK = routing.keep
-        if self.capacity_factor is not None and (num_tokens > 0 or self.collective):
-            keep_TK = self._capacity_keep(routing.expert_ids, keep_TK, k)
-        if backend_name == "auto":
-            backend_name = choose_backend(
-                num_tokens, self.num_experts, routing.expert_ids.shape[1], x.device, x.dtype
-            )
-
-        if num_tokens == 0 and not self.collective:
+        with router_precision(x_TD, autocast) as x_router:
+            routing = self._route(x_router, ctx)
+        routed = self._plan(x_TD, routing, k, backend, compute_dtype, autocast)
+        second = None
+        if x_TD.shape[0] == 0 and not self.dispatcher.collective:
             y_TD = self._empty_output(x_TD, compute_dtype)
         else:
-            dispatch = self.router.dispatch or self.dispatch
-            y_TD = self._dispatch(
-                dispatch, x_TD, routing, keep_TK, backend_name, compute_dtype, autocast
-            )
+            y_TD = self.dispatcher.run(self.router.dispatch or self.dispatch, self.experts, routed)
             if self.second_router is not None:
-                y_TD, second = self._second_path(x_TD, y_TD, ctx, compute_dtype, autocast)
+                y_TD, second = self._second_path(routed, y_TD, ctx, backend)
             if self.shared is not None:
                 y_TD = self._mix_shared(x_TD, y_TD, compute_dtype, autocast)
-            if num_tokens == 0:  # collective, no tokens: every parameter still gets a gradient
+            if x_TD.shape[0] == 0:  # collective, no tokens: every parameter still gets a gradient
                 y_TD = y_TD + self._empty_output(x_TD, compute_dtype)
-
         if token_idx is not None:
-            full = y_TD.new_zeros(lead.numel(), self.d_model)
-            y_TD = full.index_copy(0, token_idx, y_TD)
+            y_TD = y_TD.new_zeros(lead.numel(), self.d_model).index_copy(0, token_idx, y_TD)
         output = y_TD.view(*lead, self.d_model)
 
-        aux_losses = routing.aux_losses
-        if self.second_router is not None and num_tokens > 0:
-            aux_losses = dict(aux_losses)
-            for name, value in second.aux_losses.items():
-                aux_losses[f"second_{name}" if name in aux_losses else name] = value
+        aux_losses = self._aux_losses(routing, second)
         if self.training:
-            self._training_bookkeeping(routing, keep_TK, token_idx)
-            if self.second_router is not None and num_tokens > 0:
+            self._training_bookkeeping(routing, routed.keep_TK, token_idx)
+            if second is not None:
                 self._second_bookkeeping(second, token_idx)
         if not return_details:
             return output
-        routing.keep = keep_TK
-        return MoEOutput(
-            output,
-            aux_losses,
-            _routing_stats(routing, keep_TK, self.num_experts, backend_name, k),
-            routing,
-        )
+        routing.keep = routed.keep_TK
+        stats = _routing_stats(routing, routed.keep_TK, self.num_experts, routed.backend, k)
+        return MoEOutput(output, aux_losses, stats, routing)
+
+    def _real_tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x as [T, d_model] rows without the padding `mask` excludes, and the kept rows' indices
+        (None without a mask)."""
+        x_TD = x.reshape(-1, self.d_model)
+        if mask is None:
+            return x_TD, None
+        if mask.shape != x.shape[:-1]:
+            raise HyperRouterError(
+                f"mask shape must be x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(mask.shape)}"
+            )
+        token_idx = mask.reshape(-1).nonzero(as_tuple=True)[0]
+        return x_TD.index_select(0, token_idx), token_idx
 
     def _route(self, x_TD: Tensor, ctx: RoutingContext) -> Routing:
-        """The router's choice, from the experts' responses when the router asks for them."""
-        if x_TD.shape[0] > 0 and self.router.wants_expert_responses(ctx):
-            return self.router.route_by_responses(x_TD, ctx, self.expert_responses(x_TD))
-        return self.router(x_TD, ctx)
+        """The router's choice, from the experts' responses when the router asks for them (when
+        any rank of an expert-parallel group competes, every rank joins the weights' gather)."""
+        if type(self.router).wants_expert_responses is Router.wants_expert_responses:
+            return self.router(x_TD, ctx)
+        wants = x_TD.shape[0] > 0 and self.router.wants_expert_responses(ctx)
+        if not self.dispatcher.any_rank(wants, x_TD.device):
+            return self.router(x_TD, ctx)
+        with torch.no_grad():
+            weights = self.dispatcher.expert_weights(self.experts)
+        if not wants:
+            return self.router(x_TD, ctx)
+        return self.router.route_by_responses(x_TD, ctx, self._responses(x_TD, weights))
 
-    def _capacity_keep(self, ids_TK: Tensor, keep_TK: Tensor | None, top_k: int) -> Tensor:
-        """The keep mask [T, K] under `capacity_factor`, counted over this call's T tokens."""
-        capacity = expert_capacity(ids_TK.shape[0], self.num_experts, top_k, self.capacity_factor)
-        return capacity_keep_mask(ids_TK, self.num_experts, capacity, keep_TK)
-
-    def _dispatch(
+    def _plan(
         self,
-        dispatch: str,
         x_TD: Tensor,
         routing: Routing,
-        keep_TK: Tensor | None,
+        k: int,
         backend: str,
         compute_dtype: torch.dtype,
         autocast: bool,
-    ) -> Tensor:
-        """y_TD: the experts' combined output through the dispatch strategy named `dispatch`."""
-        run = DISPATCHERS[dispatch]
-        return run(self.experts, x_TD, routing, keep_TK, backend, compute_dtype, autocast)
+    ) -> Routed:
+        """What the dispatcher will carry out: the keep mask under the capacity limit (over the
+        tokens the experts see) and the backend `auto` picks for this call."""
+        keep_TK = routing.keep
+        if self.capacity_factor is not None and (x_TD.shape[0] > 0 or self.dispatcher.collective):
+            keep_TK = self.dispatcher.capacity_keep(
+                routing.expert_ids, keep_TK, self.num_experts, k, self.capacity_factor
+            )
+        if backend == "auto":
+            slots = routing.expert_ids.shape[1]
+            backend = choose_backend(
+                x_TD.shape[0], self.num_experts, slots, x_TD.device, x_TD.dtype
+            )
+        return Routed(x_TD, routing, keep_TK, backend, compute_dtype, autocast)
+
+    def _aux_losses(self, routing: Routing, second: Routing | None) -> dict[str, Tensor]:
+        """The routers' auxiliary losses (a name both paths use gets the prefix `second_`)."""
+        if second is None or routing.expert_ids.shape[0] == 0:
+            return routing.aux_losses
+        aux_losses = dict(routing.aux_losses)
+        for name, value in second.aux_losses.items():
+            aux_losses[f"second_{name}" if name in aux_losses else name] = value
+        return aux_losses
 
     @torch.no_grad()
     def expert_responses(self, x_TD: Tensor) -> Tensor:
         """Every expert's output on every token, detached: [T, E, d_model] (E times the compute
-        of one expert per token; for competition routers, on their competition calls only)."""
+        of one expert per token; for competition routers, on their competition calls only). Under
+        expert parallelism a collective: every rank of the group must call it."""
+        return self._responses(x_TD, self.dispatcher.expert_weights(self.experts))
+
+    @torch.no_grad()
+    def _responses(self, x_TD: Tensor, weights: ExpertWeights) -> Tensor:
         x = x_TD.detach()
-        return torch.stack([self.experts.expert_forward(e, x) for e in range(self.num_experts)], 1)
+        experts = self.experts
+        return torch.stack(
+            [experts.expert_forward(e, x, weights) for e in range(self.num_experts)], 1
+        )
 
     def _second_path(
-        self,
-        x_TD: Tensor,
-        y_TD: Tensor,
-        ctx: RoutingContext,
-        compute_dtype: torch.dtype,
-        autocast: bool,
+        self, first: Routed, y_TD: Tensor, ctx: RoutingContext, backend: str
     ) -> tuple[Tensor, Routing]:
-        """The second routing of the same experts, mixed with the first by the 2-way gate."""
-        second = self.second_router(x_TD, dataclasses.replace(ctx, top_k=self.second_top_k))
-        backend = choose_backend(
-            x_TD.shape[0], self.num_experts, second.expert_ids.shape[1], x_TD.device, x_TD.dtype
-        )
-        dispatch = self.second_router.dispatch or "tokens"
-        y2_TD = self._dispatch(
-            dispatch, x_TD, second, second.keep, backend, compute_dtype, autocast
-        )
+        """The second routing of the same experts (through the same plan and dispatcher as the
+        first: capacity limit and backend apply alike), mixed with the first by the 2-way gate."""
+        x_TD, k = first.x_TD, self.second_top_k
+        with router_precision(x_TD, first.autocast) as x_router:
+            second = self.second_router(x_router, dataclasses.replace(ctx, top_k=k))
+        routed = self._plan(x_TD, second, k, backend, first.compute_dtype, first.autocast)
+        second.keep = routed.keep_TK
+        y2_TD = self.dispatcher.run(self.second_router.dispatch or "tokens", self.experts, routed)
         with torch.autocast(x_TD.device.type, enabled=False):
             gate_T2 = torch.softmax(fp32_linear(self.path_gate, x_TD), dim=-1).to(y_TD.dtype)
         return gate_T2[:, :1] * y_TD + gate_T2[:, 1:] * y2_TD, second
@@ -501,6 +526,49 @@ class MoE(nn.Module):
                     self.load_since_step = counts
                 else:
                     self.load_since_step = self.load_since_step + counts
+
+
+@contextlib.contextmanager
+def router_precision(x_TD: Tensor, autocast: bool) -> Iterator[Tensor]:
+    """Routers compute in full precision (the Switch paper's selective precision), every one of
+    them, here rather than in each router: under autocast the router sees x in fp32 (fp64 stays
+    fp64) with autocast off, so its scores, top-k choice and combine weights are the fp32 ones
+    (in bf16 the scores' rounding, ~0.4 %, flips near-ties and swamps small biases such as the
+    aux-loss-free step u = 1e-3). Without autocast x already has the parameters' dtype."""
+    if not autocast:
+        yield x_TD
+        return
+    with torch.autocast(x_TD.device.type, enabled=False):
+        yield x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
+
+
+@torch.no_grad()
+def sum_loads_over_ranks(layers: list[MoE]) -> None:
+    """Under data parallelism: every layer's load since the last optimizer step (for each router
+    with an optimizer-step hook) summed over all ranks, in one all-reduce for all the layers, so
+    that every rank's hook sees the same, global load. A no-op in one process. The training step
+    calls it before the hooks (`hyperrouter.train.step`)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    slots = [
+        (layer, attr)
+        for layer in layers
+        for router, attr in (
+            (layer.router, "load_since_step"),
+            (layer.second_router, "second_load_since_step"),
+        )
+        if router is not None and router.wants_optimizer_step
+    ]
+    if not slots:
+        return
+    loads = []
+    for layer, attr in slots:
+        load = getattr(layer, attr)
+        loads.append(load if load.numel() else load.new_zeros(layer.num_experts))
+    flat = torch.cat(loads)
+    dist.all_reduce(flat)
+    for (layer, attr), part in zip(slots, flat.split([len(x) for x in loads])):
+        setattr(layer, attr, part.clone())
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

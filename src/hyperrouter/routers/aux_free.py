@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch import distributed as dist
 
 from hyperrouter.routers.base import Routing, RoutingContext, check_option, register_router
 from hyperrouter.routers.linear import LinearRouter
@@ -33,8 +32,8 @@ class AuxFreeRouter(LinearRouter):
 
     Differences from the paper / reference code, and why:
     - The load is counted after the layer's capacity drops (what experts really computed), summed
-      over gradient-accumulation chunks, and summed across data-parallel ranks when
-      torch.distributed is initialised (the sign update is the same at any scale of the counts).
+      over gradient-accumulation chunks, and over data-parallel ranks (the training step sums every
+      layer's load in one all-reduce before the hooks: `moe.layer.sum_loads_over_ranks`).
     - No node-limited / group-limited routing (V3's 8 groups, top-4 groups) and no routed scaling
       factor (V3's 2.5): they concern the expert-parallel deployment and the output scale, not
       balancing; a single machine has no nodes to limit.
@@ -92,8 +91,6 @@ class AuxFreeRouter(LinearRouter):
     @torch.no_grad()
     def optimizer_step(self, load_E: Tensor, step: int) -> None:
         load = load_E.to(device=self.expert_bias.device, dtype=torch.float32)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
         self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202  (torch's signature)

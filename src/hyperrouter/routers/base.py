@@ -169,7 +169,8 @@ class Router(nn.Module):
         return {}
 
     def optimizer_step(self, load_E: Tensor, step: int) -> None:
-        """Update state once per optimizer step from the load [E] since the previous step."""
+        """Update state once per optimizer step from the load [E] since the previous step,
+        summed over every data-parallel rank (the training step sums it before calling)."""
 
     def fit_token_counts(self, counts_V: Tensor) -> None:
         """Called once before training from scratch with the count of every token id in the

@@ -26,7 +26,9 @@ the balance loss, counted on the winners). Every other call is a plain top-k of 
 `score` option of every logit router; default top-k of the logits, softmax over the k, as the v1
 gate) with the Switch balance loss.
 
-Options (defaults): competition_rate 0.03 (the v1 scripts' `freq`), response_score "norm" (v1),
+Options (defaults): competition_rate 0.03 (the default of the v1 code's `--freq` in config.py;
+14 of its 16 pretraining scripts pass `--freq 1.0`, every training call competing, one 0.03 and
+one 0.09: set competition_rate=1.0 to run as those scripts do), response_score "norm" (v1),
 router_loss_weight 5.0 (the v1 scripts' `alpha`), balance_loss_weight 0.01 (the scripts'
 load_balance), z_loss_weight 0, score topk_softmax, renormalize False, bias True, init_std 0.02.
 
@@ -47,7 +49,19 @@ Differences from the papers / reference code, and why:
 - v1 replaces the gate's balance loss by the router loss on competition calls; here (as in v2)
   the balance loss stays, counted on the competition's winners, and the z-loss option applies to
   the router logits on every call.
-- Responses are computed by the layer in the model's dtype (autocast included); scores in fp32.
+- The responses are detached: on a competition call neither the combine weights (the softmax of
+  the winners' scores) nor the router-loss target carry gradient into the experts, which learn
+  only through the k winners' outputs. Both references keep the responses in the graph: v1
+  (`custom_layers_opt.FMoEOpt`) mixes the outputs with the softmax of the winners' response
+  norms and does not detach its MSE target, so the task loss and the router loss reach the
+  experts through the norms; v2 detaches its router-loss target but mixes with weights computed
+  from the responses and adds diversity and balance terms on them. The experts' gradients on
+  competition calls therefore differ from both references' (we keep the competition a routing
+  decision, as the papers describe it, at the cost of E extra expert forwards without backward).
+- Four v1 scripts add `--opt_blance`: a Switch-style balance loss E sum_e f_e P_e on the softmax
+  of the response norms (f_e: the winners' share), weighted 0.01 x alpha. Not implemented here.
+- Responses are computed in full precision under autocast (the layer runs every router, and the
+  experts' responses it asks for, in fp32); scores in fp32.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ weighted average of all experts' parameters, f(u; sum_i R(v)_i theta_i).
 
 Routing is per sequence: v = a summary of the sequence's layer inputs, p = softmax(W LN(v) + b)
 over the E experts; in training, expert dropout zeroes each expert's probability with rate
-`expert_dropout` and renormalises. The router asks the layer for the `merge` dispatch
-(`hyperrouter.moe.dispatch`), which computes f(x_t; sum_e p_e theta_e) exactly.
+`expert_dropout` and renormalises, with one dropout mask per sequence (as the reference draws one
+per example), shared by every token of the sequence under either summary. The router asks the
+layer for the `merge` dispatch (`hyperrouter.moe.dispatch`), which computes
+f(x_t; sum_e p_e theta_e) exactly.
 
 Summaries (`summary` option):
 - `mean` (the paper): the mean of the whole sequence's inputs. A token's routing then depends on
@@ -22,8 +24,13 @@ initialises the router N(0, 1e-2)), z_loss_weight 0.
 
 Differences from the paper / reference code, and why:
 - The reference experts are adapters inside T5; here they are the layer's FFN experts.
-- The reference normalises the router weight matrix with a LayerNorm whose gain starts at 1e-2;
-  we normalise the summary with a LayerNorm and use a plain Linear initialised N(0, 1e-2).
+- The reference (r-three/smear, `adapter_utils.Router`) normalises the router input with a
+  LayerNorm and, with `normalize_router_weights`, also the router weight matrix with a LayerNorm
+  whose gain starts at the init scale 1e-2; we normalise the summary only and use a Linear
+  initialised N(0, 1e-2). Our gate has a bias (starting at 0); the reference's is optional
+  (`no_router_bias`).
+- When dropout removes every expert of a sequence, the reference renormalises (p + 1e-10) and so
+  falls back to near-uniform weights; we keep each token's most probable expert instead.
 - Merging is computed as sum_e p_e (x W_e) layer by layer (exact, since each layer is linear in
   its parameters) instead of materialising the merged weights: the same result, and per-token
   merged experts (the causal summary) need no [T, d, h] buffer. It costs every expert's GEMMs on
@@ -128,6 +135,19 @@ class SmearRouter(Router):
         nn.init.normal_(self.gate.weight, 0.0, router_init_std)
         nn.init.zeros_(self.gate.bias)
 
+    def _dropout_mask(
+        self, sequence_ids: Tensor | None, num_tokens: int, device: torch.device
+    ) -> Tensor:
+        """[T, E] experts kept: one draw per sequence, repeated for each of its tokens."""
+        if sequence_ids is None:
+            inverse = torch.zeros(num_tokens, dtype=torch.long, device=device)
+            num_sequences = 1
+        else:
+            unique, inverse = torch.unique(sequence_ids, return_inverse=True)
+            num_sequences = unique.numel()
+        alive_SE = torch.rand(num_sequences, self.num_experts, device=device) >= self.expert_dropout
+        return alive_SE.index_select(0, inverse)
+
     def forward(self, x_TD: Tensor, ctx: RoutingContext | int) -> Routing:
         ctx = self.context(ctx)
         num_tokens = x_TD.shape[0]
@@ -142,8 +162,7 @@ class SmearRouter(Router):
         logits_TE = fp32_linear(self.gate, normed)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if ctx.training and self.expert_dropout > 0 and num_tokens > 0:
-            alive = torch.rand(num_tokens, self.num_experts, device=x_TD.device)
-            alive = alive >= self.expert_dropout
+            alive = self._dropout_mask(ctx.sequence_ids, num_tokens, x_TD.device)
             # keep at least one expert per token: the best one survives if all were dropped
             none = ~alive.any(-1)
             if bool(none.any()):

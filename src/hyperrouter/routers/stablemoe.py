@@ -42,11 +42,12 @@ the gate sigmoid(s) in stage 2 too), whereas the stage-2 routing logits (`Routin
 frozen distilled router's) get no gradient. No Switch balance-loss option: L_bal is the paper's
 balance loss (`balance_loss_weight`), and stage-2 routing is frozen, so no loss can balance it.
 
-The stage follows `ctx.step` when the trainer gives it; otherwise (evaluation, or a loop without
-the trainer) it is the persistent buffer `stage` (1 or 2), set by `optimizer_step(load, step)`
-to the stage of step + 1, the next step to run: `step` is taken to be the step just finished,
-the `ctx.step` of the forwards it follows. The buffer is saved in checkpoints, so evaluating a
-stage-2 checkpoint routes with the frozen router.
+The stage only moves forward: it is the larger of the persistent buffer `stage` (1 or 2) and the
+stage `ctx.step` implies when the trainer gives a step (2 once ctx.step >= switch_step).
+`optimizer_step(load, step)` raises the buffer to the stage of step + 1, the next step to run
+(`step` is the step just finished, the `ctx.step` of the forwards it follows), and never lowers
+it. The buffer is saved in checkpoints, so a stage-2 checkpoint stays in stage 2 wherever it is
+loaded: evaluated, resumed, or fine-tuned with a step counter that restarts at 0.
 
 Differences from the paper / reference code, and why:
 - Without `vocab_size` the distilled router reads a detached linear projection of the routed
@@ -157,13 +158,15 @@ class StableMoERouter(Router):
 
     # ---------------------------------------------------------------- stage
     def stage_for(self, ctx: RoutingContext) -> int:
-        """1 or 2: from ctx.step when given, else the stage saved at the last optimizer step."""
-        if ctx.step is not None:
-            return 2 if ctx.step >= self.switch_step else 1
-        return int(self.stage.item())
+        """1 or 2: the saved stage, raised to 2 when ctx.step has reached switch_step."""
+        saved = int(self.stage.item())
+        if ctx.step is not None and ctx.step >= self.switch_step:
+            return 2
+        return saved
 
     def optimizer_step(self, load_E: Tensor, step: int) -> None:
-        self.stage.fill_(2 if step + 1 >= self.switch_step else 1)
+        if step + 1 >= self.switch_step:
+            self.stage.fill_(2)  # never back to 1: stage 2 is permanent
 
     # ---------------------------------------------------------------- scores
     def backbone_scores(self, x_TD: Tensor) -> Tensor:

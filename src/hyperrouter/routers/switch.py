@@ -123,6 +123,12 @@ class SwitchRouter(_CapacityRouter):
       ceil(T * k / E * capacity_factor) (k = 1 in the switch presets gives the paper's router).
     - Capacity is counted over the T tokens of one call (the layer's routed tokens, padding
       removed), not per fixed-size group, and has no minimum beyond 1 (DeepSpeed uses 4).
+    - The balance loss is the paper's formula over the whole call: f_i and P_i over all T routed
+      tokens. transformers' SwitchTransformers computes it per sequence (its "group") and
+      averages over the sequences, mean_g N sum_i f_gi P_gi, which also penalises a sequence that
+      crowds a few experts while other sequences compensate. We use the whole call because the
+      layer routes a flat, padding-free batch of tokens whose sequences it does not always know
+      (sequence ids are optional); both agree when every sequence spreads like the batch.
     - The router is Linear(d, E) initialised N(0, init_std) like the rest of the model, not the
       paper's truncated normal of scale 0.1 / fan-in; like the paper it has no bias.
     - The router computes in fp32 (the paper's "selective precision") whatever the model dtype.

@@ -23,13 +23,18 @@ Options (defaults): codebook_size None (= E, as the scripts use K = E = 16), vq_
 reference's base quantizer), dead_code_threshold 0.0 (off).
 
 Differences from the paper / reference code, and why:
-- top_k > 1 takes the k nearest codes (weight 1/k each); their experts repeat when K > E, and a
-  repeated expert is dropped through `Routing.keep`. The reference is top-1.
+- top_k > 1 takes the k nearest codes; their experts repeat when K > E, and a repeated expert is
+  dropped through `Routing.keep` (its nearest code stays). The weights are equal over the distinct
+  experts kept (1/k without repeats, 1/2 each for a token whose 3 codes map to 2 experts), so
+  every token's weights sum to 1. The reference is top-1.
 - The reference feeds the experts z = (1 - c) x + c sg(q - x) (c = 0.05) through a LayerNorm, and
   applies the same LayerNorm to their output; we dispatch x itself and return the experts' output
   (the block's own LayerNorm follows), so the discrete path sees what the routed path sees.
-- The codebook starts U(-1/K, 1/K) as in the reference; the EMA updates and dead-code restarts
-  are the reference's `bl_vq` variant's idea, not its code.
+- The codebook starts U(-1/K, 1/K) as in the reference. The EMA codebook (`ema_decay`) is VQ-VAE's
+  EMA update (van den Oord et al. 2017), not the reference's: its `bl_vq` variant has no EMA
+  codebook; it keeps an EMA of code usage, restarts rarely used codes and measures cosine
+  distance. Our dead-code restart (`dead_code_threshold`) follows that restart idea, on squared
+  Euclidean distance.
 - No logits: statistics skip the router entropy.
 """
 
@@ -113,7 +118,11 @@ class VQRouter(Router):
             earlier = torch.ones(slots, slots, dtype=torch.bool, device=ids_TK.device).tril(-1)
             repeated = (same & earlier).any(-1)
             keep_TK = None if not bool(repeated.any()) else ~repeated
-        weights_TK = x_TD.new_full(ids_TK.shape, 1.0 / ids_TK.shape[1], dtype=torch.float32)
+        if keep_TK is None:
+            weights_TK = x_TD.new_full(ids_TK.shape, 1.0 / ids_TK.shape[1], dtype=torch.float32)
+        else:  # equal weights over the distinct experts kept: each token's weights sum to 1
+            kept_TK = keep_TK.float()
+            weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
         aux: dict[str, Tensor] = {}
         if num_tokens > 0:
             x = at_least_fp32(x_TD)

@@ -12,11 +12,13 @@ choice. The logits then go through the usual logit-router machinery (score funct
 balance loss, z-loss).
 
 Differences from the paper / reference code, and why:
-- The reference (torchscale/fairseq `Top1Gate` with xmoe on) does not normalise the expert
-  embeddings in the forward: it rescales them in place to norm 1.5 under no_grad at every call,
-  so the logits are 1.5 * cos, and divides by the temperature only when one is configured. Here
-  both sides are normalised inside the graph, giving the paper's formula cos / tau exactly; the
-  forward mutates nothing, so eval and gradient accumulation cannot drift the parameters.
+- The reference (torchscale's `Top1Gate(use_xmoe=True)`) rescales the expert embeddings in place
+  to norm 1.5 under no_grad at every call, then normalises them in `_cosine` (so the 1.5 does not
+  reach the logits), does not normalise the token side W_red x (that line is commented out) and
+  applies no temperature: its logits are |W_red x| cos(W_red x, e_i). We follow the paper's
+  formula, both sides normalised and divided by a learnable tau, because the paper states it
+  and its argument (the norm must not decide the expert) needs the token side normalised too;
+  the forward mutates nothing, so eval and gradient accumulation cannot drift the parameters.
 - tau is stored as log(tau) (`log_temperature`), so tau = exp(log_temperature) stays positive
   whatever the optimizer does, and is floored at 0.01 (logits at most 100 in size, the bound
   Tutel's cosine gate and CLIP use) so a temperature driven towards 0 cannot overflow the

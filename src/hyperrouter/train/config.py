@@ -162,6 +162,22 @@ class RunConfig:
                 raise HyperRouterError(f"{name} must be in [0, 1), got {value}")
         if t.lr <= 0:
             raise HyperRouterError(f"train.lr must be > 0, got {t.lr}")
+        if not 0 <= t.lr_min <= t.lr:
+            raise HyperRouterError(
+                f"train.lr_min must be in [0, train.lr={t.lr:g}], got {t.lr_min:g}"
+            )
+        for name, value in (
+            ("train.warmup_steps", t.warmup_steps),
+            ("train.clip", t.clip),
+            ("train.weight_decay", t.weight_decay),
+        ):
+            if value < 0:
+                raise HyperRouterError(f"{name} must be >= 0 (0 turns it off), got {value:g}")
+        if e.max_valid_batches is not None and e.max_valid_batches < 1:
+            raise HyperRouterError(
+                f"eval.max_valid_batches must be >= 1 or null (the whole split), "
+                f"got {e.max_valid_batches}"
+            )
         if t.divergence_factor != 0 and t.divergence_factor <= 1:
             raise HyperRouterError(
                 f"train.divergence_factor must be > 1 (or 0 to turn the guard off), "

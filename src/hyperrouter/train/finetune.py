@@ -106,6 +106,13 @@ class FinetuneConfig:
                 raise HyperRouterError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len < 2:
             raise HyperRouterError(f"max_len must be >= 2, got {self.max_len}")
+        if self.lr <= 0:
+            raise HyperRouterError(f"lr must be > 0, got {self.lr:g}")
+        for name in ("clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise HyperRouterError(
+                    f"{name} must be >= 0 (0 turns it off), got {getattr(self, name):g}"
+                )
         if not self.test_top_ks:
             raise HyperRouterError("test_top_ks must list at least one k")
         return self

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch import distributed as dist
 
 from hyperrouter.moe import MoEOutput
-from hyperrouter.moe.layer import moe_layers
+from hyperrouter.moe.layer import moe_layers, sum_loads_over_ranks
 
 
 @dataclass
@@ -62,8 +64,13 @@ def training_step(
     clip: float,
     params: list[nn.Parameter],
     after_backward: Callable[[], None] | None = None,
+    sharded: Sequence[nn.Parameter] = (),
+    shard_group: Any = None,
 ) -> StepResult:
-    """Run the chunks' forwards and backwards, one optimizer step, and the routers' hooks."""
+    """Run the chunks' forwards and backwards, one optimizer step, and the routers' hooks.
+
+    `sharded`: the parameters of `params` this rank holds one shard of (expert parallelism over
+    `shard_group`); the clip norm is then the whole model's (`clip_grad_norm`)."""
     layers = moe_layers(model)
     for layer in layers:
         layer.step = step
@@ -91,8 +98,9 @@ def training_step(
     if after_backward is not None:
         after_backward()
     if clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip)
+        clip_grad_norm(params, clip, sharded, shard_group)
     optimizer.step()
+    sum_loads_over_ranks(layers)  # one all-reduce for every layer's hook
     for layer in layers:
         layer.optimizer_step(step)
         layer.step = None  # outside a training step routers see no step (evaluation)
@@ -104,6 +112,44 @@ def training_step(
         dropped_fraction=sum(dropped) / len(dropped) if dropped else 0.0,
         layer_router_stats=[{n: sum(v) / len(v) for n, v in e.items()} for e in extras],
     )
+
+
+def clip_grad_norm(
+    params: Sequence[nn.Parameter],
+    max_norm: float,
+    sharded: Sequence[nn.Parameter] = (),
+    shard_group: Any = None,
+) -> Tensor:
+    """Scale the gradients of `params` so that the whole model's gradient norm is <= max_norm;
+    returns that norm. Without sharded parameters this is torch's `clip_grad_norm_`. With them
+    (expert parallelism) every rank must clip by the same factor, the norm of the unsharded model:
+    the squares of the replicated gradients (equal on every rank after averaging) once, plus the
+    squares of the sharded gradients summed over `shard_group` (as torchtitan does). A norm from
+    this rank's parameters alone would differ per rank and let the replicas drift apart."""
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    shard_ids = {id(p) for p in sharded}
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+
+    def squares(tensors: list[Tensor]) -> Tensor:
+        norms = [
+            torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
+            for g in tensors
+        ]
+        return torch.stack(norms).square().sum() if norms else torch.zeros((), device=device)
+
+    local = squares([p.grad for p in params if p.grad is not None and id(p) in shard_ids])
+    local = local.to(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(local, group=shard_group)
+    replicated = squares([p.grad for p in params if p.grad is not None and id(p) not in shard_ids])
+    total = (replicated.to(device) + local).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return total
 
 
 def _chunk_backward(

@@ -110,6 +110,8 @@ class Run:
         else:
             self._create()
         self.replicated = self._replicated_parameters()
+        replicated = {id(p) for p in self.replicated}
+        self.sharded = [p for p in self.model.parameters() if id(p) not in replicated]
         if self.dist.enabled:  # the replicas start from rank 0's values
             distributed.broadcast_parameters(self.replicated)
 
@@ -177,7 +179,7 @@ class Run:
         return saved
 
     def _create(self) -> None:
-        routers = [m.router for m in self.model.moe_layers() if m.router.wants_token_counts]
+        routers = [r for m in self.model.moe_layers() for r in m.routers if r.wants_token_counts]
         if routers:  # routers built from corpus statistics see the training split's counts
             counts = torch.bincount(self.corpus.train.reshape(-1), minlength=len(self.corpus.vocab))
             for router in routers:
@@ -377,6 +379,8 @@ class Run:
                 clip=t.clip,
                 params=trainable_parameters(model),
                 after_backward=self._average_gradients if self.dist.enabled else None,
+                sharded=self.sharded,
+                shard_group=self.dist.ep_group,
             )
             if self.dist.enabled:  # the same loss on every rank: all stop together on divergence
                 result.loss = (
