@@ -45,6 +45,11 @@ TINY = {
         *("--top-k", "1", "--tokens", "64", "--repeats", "1"),
         *("--experts", "relu", "--modes", "infer", "--no-peers"),
     ],
+    "bench model": [
+        *("--top-k", "1", "--repeats", "1", "--warmup", "0", "--modes", "infer", "--no-dense"),
+        *("--set", "eval.batch_size=1", "--set", "eval.tgt_len=16", "--set", "train.tgt_len=16"),
+        *("--set", "train.mem_len=16"),
+    ],
 }
 # scripts/table2.py: one task, one seed, no control, tiny fine-tuning runs
 TINY_TABLE2 = ["--tasks", "sst2", "--seeds", "1111", "--no-scratch", "--jobs", "1"]
@@ -105,7 +110,8 @@ def tiny(words: list[str]) -> list[str] | None:
             return None  # needs the network
         if LISTING & set(args):
             return words
-        return [*words, *TINY.get(args[0], [])]
+        key = " ".join(args[:2]) if " ".join(args[:2]) in TINY else args[0]
+        return [*words, *TINY.get(key, [])]
     if any(w.endswith("scripts/table2.py") for w in rest):
         return [*words, *TINY_TABLE2]
     return words

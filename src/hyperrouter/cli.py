@@ -126,6 +126,84 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     layer.set_defaults(handler=_bench_layer)
 
+    model = what.add_parser(
+        "model",
+        help="time a whole model at every k against its multiply-add count and dense twin",
+        description=(
+            "Times inference (one evaluation segment with memory, no autograd) and training "
+            "(forward, backward and an Adam step) of a Transformer-XL MoE model at each k, next "
+            "to its dense twin (MoE FFNs replaced by dense FFNs of width k x d_expert), "
+            "round-robin after a warm-up, and prints medians with their spread, the analytic "
+            "multiply-adds per token by part, and the measured speedup over k = E against the "
+            "one the multiply-add count predicts. Time it alone on the machine."
+        ),
+    )
+    model.add_argument("path", nargs="?", metavar="RUN_DIR", help="a trained run (or checkpoint)")
+    model.add_argument("--config", metavar="PRESET", help="a preset, freshly initialised")
+    model.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    model.add_argument(
+        "--vocab-size",
+        type=int,
+        default=256,
+        help="vocabulary of a freshly initialised preset (default 256, bytes)",
+    )
+    model.add_argument("--top-k", type=_int_list, metavar="K,K", help="default: eval.top_ks")
+    model.add_argument("--modes", type=_str_list, default=("infer", "train"))
+    model.add_argument("--repeats", type=int, default=5, help="timed calls each (default 5)")
+    model.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    model.add_argument("--no-dense", action="store_true", help="skip the dense twins")
+    model.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    model.add_argument("--json", metavar="PATH", help="write the records as JSON")
+    model.add_argument(
+        "--profile", action="store_true", help="also break one inference call down by part"
+    )
+    model.set_defaults(handler=_bench_model)
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from hyperrouter import bench, bench_model
+    from hyperrouter.train.config import load_config
+    from hyperrouter.train.evaluate import load_trained, pick_device
+
+    if (args.path is None) == (args.config is None):
+        raise HyperRouterError("bench model takes a RUN_DIR or --config PRESET (one of them)")
+    if args.vocab_size < 2:
+        raise HyperRouterError(f"--vocab-size must be >= 2, got {args.vocab_size}")
+    if args.json:
+        check_writable(args.json, "--json", folder=False)
+    device = pick_device(args.device or "auto")
+    if args.path is not None:
+        if args.overrides:
+            raise HyperRouterError("--set applies to --config only (a run keeps its own config)")
+        run = load_trained(args.path, device=device)
+        model, config = run.model, run.config
+    else:
+        config = load_config(args.config, args.overrides)
+        torch.manual_seed(config.train.seed)
+        model = config.build_model(args.vocab_size).to(device)
+    records = bench_model.run_model_bench(
+        model,
+        config,
+        ks=list(args.top_k) if args.top_k else None,
+        modes=tuple(args.modes),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        dense=not args.no_dense,
+        progress=sys.stderr.isatty(),
+    )
+    print(f"# {bench.machine_description()}")
+    print(bench_model.format_table(records))
+    if args.profile:
+        for k in sorted({r.top_k for r in records if r.model == "moe"}):
+            print()
+            print(bench_model.profile_model(model, config, k))
+    if args.json:
+        bench_model.write_json(records, args.json)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
 
 def _bench_layer(args: argparse.Namespace) -> int:
     from hyperrouter import bench
