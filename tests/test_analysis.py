@@ -151,6 +151,18 @@ def test_compare_end_to_end_and_resume(tmp_path, corpus, monkeypatch) -> None:
         assert k in rows[best]["best_at"].split()
     for png in ("quality_vs_k.png", "quality_vs_speed.png", "valid_curves.png"):
         assert (out / png).stat().st_size > 1000
+    assert (out / "quality_vs_cost.png").stat().st_size > 1000
+    # AIQ: each run's from its own k values, in results.json, summary.json, the table and CSV
+    from hyperrouter.analysis.aiq import aiq
+
+    for method, m in summary["methods"].items():
+        for seed, value in zip(m["seeds"], m["aiq"]["by_macs"]["values"]):
+            res = json.loads((out / "runs" / f"{method}-seed{seed}" / "results.json").read_text())
+            macs = res["cost"]["macs_per_token"]
+            want = aiq([(macs[k], -res["by_top_k"][k]) for k in res["by_top_k"]])
+            assert res["aiq"]["by_macs"] == pytest.approx(want) and value == pytest.approx(want)
+        assert float(rows[method]["aiq_by_macs"]) == pytest.approx(m["aiq"]["by_macs"]["mean"])
+        assert f"{m['aiq']['by_macs']['mean']:.4f}" in table
 
     # half-finished sweep: one run lost its results; only that one trains again (and resumes)
     lost = out / "runs" / "dense_ffn-seed1112" / "results.json"

@@ -252,6 +252,7 @@ def test_eval_says_which_split_and_checkpoint(trained, capsys) -> None:
     out = capsys.readouterr().out
     index = json.loads((trained / "checkpoints" / "index.json").read_text())
     assert f"valid split, checkpoint {trained / 'checkpoints' / index['best_all_experts']}" in out
+    assert "MACs/token" in out and "AIQ of -bpc" in out  # cost per k and RouterBench's AIQ
 
 
 def test_compare_with_one_seed_prints_no_spread() -> None:

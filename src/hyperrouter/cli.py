@@ -386,9 +386,22 @@ def _fresh_dir(base: str) -> str:
 def _results_table(results: dict) -> str:
     metric = results["metric"]
     speed = results.get("tokens_per_second", {})
-    lines = [f"{'k':>4}  {metric:>8}  {'tokens/s':>10}"]
+    cost = results.get("cost", {})
+    macs, ms = cost.get("macs_per_token", {}), cost.get("ms_per_1000_tokens", {})
+    lines = [f"{'k':>4}  {metric:>8}  {'tokens/s':>10}  {'ms/1k tokens':>12}  {'MACs/token':>12}"]
+    nan = float("nan")
     for k, value in results["by_top_k"].items():
-        lines.append(f"{k:>4}  {value:>8.4f}  {speed.get(k, float('nan')):>10.0f}")
+        lines.append(
+            f"{k:>4}  {value:>8.4f}  {speed.get(k, nan):>10.0f}  {ms.get(k, nan):>12.2f}  "
+            f"{macs.get(k, nan):>12,.0f}"
+        )
+    score = results.get("aiq", {})
+    if "by_macs" in score:
+        by_time = f", by time {score['by_time']:.4f}" if "by_time" in score else ""
+        lines.append(
+            f"AIQ of {score['quality']} (RouterBench; higher is better): by multiply-adds "
+            f"{score['by_macs']:.4f}{by_time}"
+        )
     return "\n".join(lines)
 
 

@@ -304,6 +304,13 @@ class Sweep:
                 "train_tokens_per_second": _stats(
                     [r["tokens_per_second"]["train"] for r in results]
                 ),
+                # RouterBench's AIQ of -metric over the run's k values (runs made before
+                # 2026-12-06 carry no cost: NaN)
+                "aiq": {
+                    by: _stats([r.get("aiq", {}).get(by, float("nan")) for r in results])
+                    for by in ("by_macs", "by_time")
+                },
+                "macs_per_token": results[0].get("cost", {}).get("macs_per_token", {}),
                 "parameters": results[0]["parameters"],
                 "analysis": None
                 if dense
@@ -459,6 +466,7 @@ def table_markdown(summary: dict[str, Any]) -> str:
     ks, metric = summary["ks"], summary["metric"].upper()
     head = ["method", "trainable params", "total params"]
     head += [f"{metric} k={k}" for k in ks]
+    head += ["AIQ (MACs)", "AIQ (time)"]
     head += ["router entropy", "load CV", "load CV k=1", "expert cos-sim", "dropped"]
     head += [f"tok/s k={k}" for k in ks] + ["train tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -472,6 +480,9 @@ def table_markdown(summary: dict[str, Any]) -> str:
             if len(seeds) > 1 and not math.isnan(s["mean"]):  # one seed has no spread
                 text += f" ± {s['std']:.4f}"
             cells.append(f"**{text}**" if summary["best"][str(k)] == name else text)
+        for by in ("by_macs", "by_time"):
+            value = m.get("aiq", {}).get(by, {}).get("mean", float("nan"))
+            cells.append("-" if math.isnan(value) else f"{value:.4f}")
         for key in (*ANALYSIS_KEYS, "dropped_fraction"):
             a = m["analysis"]
             value = None if a is None or key not in a else a[key]["mean"]
@@ -487,7 +498,10 @@ def table_markdown(summary: dict[str, Any]) -> str:
     )
     lines.append(
         f"Test {metric} ({over}); best mean per "
-        f"column in bold. Dense models use all parameters at every k. Router statistics on "
+        f"column in bold. AIQ: RouterBench's area under the non-decreasing convex hull of "
+        f"-{metric} against the multiply-adds per token or the measured ms per 1,000 tokens, "
+        f"over each method's own k values (higher is better). Dense models use all parameters "
+        f"at every k. Router statistics on "
         f"validation tokens at the training k (mean over layers and seeds)."
     )
     return "\n".join(lines) + "\n"
@@ -504,6 +518,7 @@ def table_csv(summary: dict[str, Any]) -> str:
     header = ["method", "dense", "trainable_params", "total_params"]
     for k in ks:
         header += [f"k{k}_mean", f"k{k}_std"]
+    header += ["aiq_by_macs", "aiq_by_time"]
     header += ["router_entropy", "load_cv", "load_cv_top1", "expert_similarity", "dropped"]
     header += [f"tokens_per_second_k{k}" for k in ks] + ["train_tokens_per_second", "best_at"]
     writer.writerow(header)
@@ -512,6 +527,7 @@ def table_csv(summary: dict[str, Any]) -> str:
         for k in ks:
             s = m["by_top_k"][str(k)]
             row += [s["mean"], s["std"] if len(m["seeds"]) > 1 else ""]  # no spread of one seed
+        row += [m.get("aiq", {}).get(by, {}).get("mean", "") for by in ("by_macs", "by_time")]
         a = m["analysis"]
         row += [
             "" if a is None or key not in a else a[key]["mean"]

@@ -60,7 +60,8 @@ def analysis_plots(result: dict[str, Any], out: Path) -> list[Path]:
 def sweep_plots(
     summary: dict[str, Any], curves: dict[str, list[tuple[int, float]]], out: Path
 ) -> list[Path]:
-    """Quality vs active experts, quality vs inference speed, validation curves."""
+    """Quality vs active experts, vs inference speed, vs multiply-adds with each method's AIQ hull
+    (runs that report their cost), and the validation curves."""
     plt = _pyplot()
     if plt is None:
         return []
@@ -107,6 +108,31 @@ def sweep_plots(
     paths.append(out / "quality_vs_speed.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+
+    if any(m.get("macs_per_token") for m in methods.values()):
+        from hyperrouter.analysis.aiq import nondecreasing_hull
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for name, m in methods.items():
+            macs = m.get("macs_per_token") or {}
+            pts = [(macs[k], -m["by_top_k"][k]["mean"]) for k in m["by_top_k"] if k in macs]
+            pts = [(x, y) for x, y in pts if y == y]  # no NaN
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            score = m.get("aiq", {}).get("by_macs", {}).get("mean", float("nan"))
+            ax.plot(xs, ys, "o", color=color[name], label=f"{name} (AIQ {score:.3f})")
+            hx, hy = zip(*nondecreasing_hull(pts))
+            ax.plot(hx, hy, "--", color=color[name], linewidth=1)
+        ax.set_xlabel("multiply-adds per token (analytic)")
+        ax.set_ylabel(f"-test {metric} (higher is better)")
+        ax.set_title("quality vs cost at every k, with each method's non-decreasing hull")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out / "quality_vs_cost.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, points in curves.items():

@@ -32,6 +32,38 @@ def metric_value(loss: float, kind: str) -> float:
     return loss / math.log(2) if kind == "char" else math.exp(min(loss, 700.0))
 
 
+def cost_and_aiq(
+    model: TransformerXL,
+    config: RunConfig,
+    metric: str,
+    by_k: dict[str, float],
+    speed: dict[str, float],
+) -> dict[str, Any]:
+    """Per k: the analytic multiply-adds per token of an evaluation segment and the measured
+    milliseconds per 1,000 tokens; and RouterBench's AIQ of quality against each cost, quality
+    being minus the metric (higher is better; `hyperrouter.analysis.aiq`)."""
+    from hyperrouter.analysis.aiq import aiq
+    from hyperrouter.cost import Shape, macs_per_token
+
+    shape = Shape(config.eval.tgt_len, eval_mem_len(config), config.eval.batch_size)
+    moe = bool(model.moe_layers())
+    macs = {
+        k: round(sum(macs_per_token(model, shape, int(k) if moe else None).values()), 1)
+        for k in by_k
+    }
+    ms = {k: round(1e6 / speed[k], 4) for k in by_k if speed.get(k)}
+    points = {k: -value for k, value in by_k.items() if math.isfinite(value)}
+    out: dict[str, Any] = {
+        "cost": {"macs_per_token": macs, "ms_per_1000_tokens": ms},
+        "aiq": {"quality": f"-{metric}"},
+    }
+    if points:
+        out["aiq"]["by_macs"] = aiq([(macs[k], q) for k, q in points.items()])
+        if all(k in ms for k in points):
+            out["aiq"]["by_time"] = aiq([(ms[k], q) for k, q in points.items()])
+    return out
+
+
 def lr_at(step: int, config: RunConfig) -> float:
     """Linear warmup, then cosine decay from lr to lr_min over all steps (reference schedule)."""
     t = config.train
@@ -213,11 +245,13 @@ def evaluate_checkpoint(
     by_k, speed = evaluate_at_ks(
         model, getattr(corpus, split), config, run.kind, ks, device, progress=progress
     )
+    metric = metric_name(run.kind)
     return {
-        "metric": metric_name(run.kind),
+        "metric": metric,
         "split": split,
         "by_top_k": by_k,
         "tokens_per_second": speed,
+        **cost_and_aiq(model, config, metric, by_k, speed),
         "checkpoint": str(run.folder),
     }
 

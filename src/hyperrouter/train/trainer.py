@@ -41,6 +41,7 @@ from hyperrouter.train import runlock
 from hyperrouter.train.config import RunConfig, config_diff, config_from_dict
 from hyperrouter.train.evaluate import (
     autocast,
+    cost_and_aiq,
     eval_mem_len,
     evaluate,
     evaluate_at_ks,
@@ -575,12 +576,14 @@ class Run:
             progress=self.progress,
             shard=self._shard,
         )
+        extra = cost_and_aiq(model, cfg, metric, by_k, speed)
         speed["train"] = self.train_tokens / max(self.train_seconds, 1e-9)
         results = {
-            "metric": metric_name(self.kind),
+            "metric": metric,
             "split": "test",
             "by_top_k": by_k,
             "tokens_per_second": speed,
+            **extra,
             "checkpoint": folder.name,
             "steps": self.step,
             "parameters": self.summary.as_dict(),
