@@ -113,7 +113,21 @@ def test_bench_model_times_every_k_and_reports_speedups() -> None:
     table = speedups(records)
     k1 = next(s for s in table if s["mode"] == "infer" and s["top_k"] == 1)
     assert k1["over_k"] == 4 and k1["predicted_speedup"] > 1
-    assert model.top_k == 2  # the model's own k is back where it was
+    assert model.top_k == 2 and model.mem_len == MLEN  # the model's own k and memory are back
+
+
+def test_bench_model_memory_longer_than_the_training_memory() -> None:
+    """Evaluation keeps mem_len + tgt_len - eval tgt_len rows, more than the model's own
+    mem_len: the timed calls see that memory (once a loop waiting for it never ended)."""
+    model = _model()
+    raw = {
+        "model": {"n_layer": 3, "n_head": 2, "d_head": 8, "d_model": 16, "d_inner": 32},
+        "moe": {"layers": [0, 2], "num_experts": 4, "d_expert": 12, "router": "smoe"},
+        "train": {"tgt_len": 8, "mem_len": MLEN, "batch_size": 2, "top_k_min": 1, "top_k_max": 4},
+        "eval": {"tgt_len": 3, "batch_size": BATCH, "top_ks": [1]},
+    }
+    records = run_model_bench(model, config_from_dict(raw), modes=("infer",), repeats=1, warmup=0)
+    assert records[0].macs_per_token["attention_scores"] == 3 * 3 * 2 * 8 * (MLEN + 8)
 
 
 def test_bench_model_command(tmp_path, capsys) -> None:

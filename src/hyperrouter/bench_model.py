@@ -79,13 +79,15 @@ def _batch(n_token: int, qlen: int, batch: int, device: torch.device) -> tuple[T
 
 
 def _memory(model: TransformerXL, data: Tensor, mlen: int) -> list[Tensor]:
-    """A memory of `mlen` rows (from forwards over the same segment), fixed for every call."""
+    """A memory of `mlen` rows (from forwards over the same segment), fixed for every call; the
+    model keeps `mlen` rows from now on, as evaluation sets it (`evaluate`)."""
+    model.mem_len = mlen
     if mlen == 0:
         return []
     mems: list[Tensor] = []
     with torch.no_grad():
-        while not mems or mems[0].shape[0] < mlen:
-            mems = [m[-mlen:] for m in model(data, None, mems or None).mems]
+        for _ in range(-(-mlen // data.shape[0])):
+            mems = model(data, None, mems or None).mems
     return mems
 
 
@@ -148,7 +150,7 @@ def run_model_bench(
         if value < (1 if name == "--repeats" else 0):
             raise HyperRouterError(f"{name} must be >= {1 if name == '--repeats' else 0}")
     device = next(model.parameters()).device
-    original_k = model.top_k
+    original_k, original_mem = model.top_k, model.mem_len
     e, t = config.eval, config.train
     shapes = {
         "infer": (e.tgt_len, eval_mem_len(config), e.batch_size),
@@ -209,6 +211,7 @@ def run_model_bench(
             )
     bar.close()
     model.set_top_k(original_k)
+    model.mem_len = original_mem
     return records
 
 
@@ -297,6 +300,7 @@ def profile_model(model: TransformerXL, config: RunConfig, k: int, repeats: int 
     e = config.eval
     device = next(model.parameters()).device
     data, target = _batch(model.n_token, e.tgt_len, e.batch_size, device)
+    old_k, old_mem = model.top_k, model.mem_len
     model.set_top_k(k)
     mems = _memory(model, data, eval_mem_len(config))
     step = _infer_step(model, data, target, mems)
@@ -325,6 +329,8 @@ def profile_model(model: TransformerXL, config: RunConfig, k: int, repeats: int 
     finally:
         for h in handles:
             h.remove()
+        model.set_top_k(old_k)
+        model.mem_len = old_mem
     total = statistics.median(totals)
     lines = [f"k={k}: one inference call {total * 1e3:.1f} ms (median of {repeats})", ""]
     lines.append(f"{'part':<12} {'ms':>9} {'share':>7}")
