@@ -20,17 +20,7 @@ from hyperrouter.train.runlock import LOCK_FILE, RunLock
 from hyperrouter.train.trainer import train_run
 from tests.test_train import tiny_config
 
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 200)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HYPERROUTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # corpus: tests/conftest.py
 
 
 def _yaml(tmp_path: Path, corpus: Path, **train) -> Path:

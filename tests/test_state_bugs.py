@@ -21,16 +21,7 @@ from tests.test_train import tiny_config
 D, E, H = 8, 4, 12
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 200)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HYPERROUTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # corpus: tests/conftest.py
 
 
 # --------------------------------------------------------------------------- StableMoE

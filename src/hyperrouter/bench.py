@@ -169,7 +169,8 @@ def _contenders(
     return out
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed_ms(fn: Callable[[], None], device: torch.device) -> float:
+    """Wall time of one call of `fn` in milliseconds (CUDA work finished on both sides)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -256,7 +257,7 @@ def run_layer_bench(
         times: list[list[float]] = [[] for _ in contenders]
         for _ in range(repeats):
             for i, step in enumerate(steps):
-                times[i].append(_timed(step, dev))
+                times[i].append(timed_ms(step, dev))
         floor_ms = statistics.median(times[0])
         for c, ts in zip(contenders, times):
             median = statistics.median(ts)

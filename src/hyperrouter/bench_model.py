@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hyperrouter.bench import timed_ms
 from hyperrouter.cost import PARTS, Shape, macs_per_token
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.models.transformer_xl import TransformerXL
@@ -114,16 +115,6 @@ def _train_step(model: TransformerXL, data: Tensor, target: Tensor, mems: list[T
     return step
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def run_model_bench(
     model: TransformerXL,
     config: RunConfig,
@@ -188,7 +179,7 @@ def run_model_bench(
         times: list[list[float]] = [[] for _ in steps]
         for _ in range(repeats):
             for i, step in enumerate(steps):
-                times[i].append(_timed(step, device))
+                times[i].append(timed_ms(step, device))
             bar.update(1)
         for (name, k, m), ts in zip(contenders, times):
             if name == "moe":
@@ -325,7 +316,7 @@ def profile_model(model: TransformerXL, config: RunConfig, k: int, repeats: int 
     totals = []
     try:
         for _ in range(repeats):
-            totals.append(_timed(step, device) / 1e3)
+            totals.append(timed_ms(step, device) / 1e3)
     finally:
         for h in handles:
             h.remove()
