@@ -16,6 +16,7 @@ from hyperrouter.moe.dispatch import LocalDispatcher
 from hyperrouter.routers import RoutingContext, build_router
 from hyperrouter.train.config import config_from_dict
 from hyperrouter.train.trainer import train_run
+from tests.conftest import train_killed_after_checkpoints
 from tests.test_train import tiny_config
 
 D, E, H = 8, 4, 12
@@ -162,24 +163,10 @@ def test_killed_and_resumed_run_of_a_stateful_router_is_bit_exact(
     baseline, the balanced hash table) as the run that was never stopped."""
     from safetensors.torch import load_file
 
-    from hyperrouter.train import trainer as trainer_mod
-
     train = {"steps": 12, "eval_interval": 4, "top_k_min": 2, "top_k_max": 2}
     cfg = config_from_dict(tiny_config(corpus, moe=STATEFUL[name], train=train))
     straight = train_run(cfg, tmp_path / "a", progress=False, log=lambda _: None)
-    calls = {"n": 0}
-    real = trainer_mod.Run._validate
-
-    def killed(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_mod.Run, "_validate", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "b", progress=False, log=lambda _: None)
-    monkeypatch.undo()
+    train_killed_after_checkpoints(cfg, tmp_path / "b", monkeypatch)
     resumed = train_run(None, tmp_path / "b", resume=True, progress=False, log=lambda _: None)
     assert resumed["by_top_k"] == straight["by_top_k"]
 

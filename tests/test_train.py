@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from hyperrouter.cli import main
-from hyperrouter.train import trainer as trainer_mod
 from hyperrouter.train.config import config_from_dict, list_presets, load_config
 from hyperrouter.train.evaluate import lr_at, metric_value
 from hyperrouter.train.trainer import train_run
+from tests.conftest import train_killed_after_checkpoints
 
 TINY = {
     "model": {"n_layer": 2, "n_head": 2, "d_head": 8, "d_model": 16, "d_inner": 32, "dropout": 0.1},
@@ -123,19 +123,8 @@ def test_resume_after_a_kill_gives_the_same_results(tmp_path, corpus, monkeypatc
     cfg = config_from_dict(tiny_config(corpus, train={"steps": 12, "eval_interval": 4}))
     straight = train_run(cfg, tmp_path / "a", progress=False, log=lambda _: None)
 
-    calls = {"n": 0}
-    real_eval = trainer_mod.Run._validate
-
-    def killed_after_second_checkpoint(self, *args, **kwargs):
-        real_eval(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # the process dies at step 8, right after its checkpoint
-
-    monkeypatch.setattr(trainer_mod.Run, "_validate", killed_after_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "b", progress=False, log=lambda _: None)
-    monkeypatch.undo()
+    # the process dies at step 8, right after its second checkpoint
+    train_killed_after_checkpoints(cfg, tmp_path / "b", monkeypatch)
     # a stray partial line and an unfinished checkpoint folder, as a kill could leave
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "split": "tra')
