@@ -331,6 +331,22 @@ def check_data_parallel_on_a_model(rank: int) -> None:
         close(p.grad, expected, f"data parallel: grad of {pname}")
 
 
+def check_token_policies(rank: int) -> None:
+    """Variable k per token (top-p, weight ratio) under expert parallelism: the kept pairs only,
+    as in one process (forward, gradients, mean k)."""
+    from hyperrouter.moe.policies import TopP, WeightRatio
+
+    for policy in (TopP(p=0.6), WeightRatio(r=0.5, k_max=3)):
+        for backend in ("grouped", "dense"):
+            full = make_layer("hyperrouter", backend=backend)
+            full.token_policy = policy
+            datas = [batch(i, n, torch.float64) for i, n in enumerate(TOKENS)]
+            layer = check_against_single_process(full, datas, rank, f"{policy}/{backend}")
+            got = layer(datas[rank]["x"], return_details=True, **datas[rank]["call"]).stats
+            want = full(datas[rank]["x"], return_details=True, **datas[rank]["call"]).stats
+            assert got.mean_k.item() == want.mean_k.item() < E, f"{policy}: mean k"
+
+
 def check_api(rank: int) -> None:
     with pytest.raises(HyperRouterError, match=r"E=3 .*P=2") as err:
         shard_experts(make_layer(num_experts=3), dist.group.WORLD)
@@ -361,6 +377,7 @@ def worker(rank: int, store: str) -> None:
         check_eval_and_autocast(rank)
         check_experts_and_ranks_without_rows(rank)
         check_capacity_across_the_group(rank)
+        check_token_policies(rank)
         check_second_router_shared_experts_granularity(rank)
         check_trainer_recipe(rank)
         check_data_parallel_on_a_model(rank)

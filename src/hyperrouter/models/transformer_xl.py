@@ -303,6 +303,11 @@ class TransformerXL(nn.Module):
         for layer in self.moe_layers():
             layer.top_k = top_k
 
+    def set_token_policy(self, policy) -> None:
+        """Choose k per token in every MoE layer (`hyperrouter.moe.policies`; None: static k)."""
+        for layer in self.moe_layers():
+            layer.token_policy = policy
+
     @property
     def top_k(self) -> int | None:
         layers = self.moe_layers()

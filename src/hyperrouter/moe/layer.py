@@ -30,6 +30,7 @@ from hyperrouter.moe.experts import (
     choose_backend,
     dense_backend,
 )
+from hyperrouter.moe.policies import TokenPolicy, apply_policy
 from hyperrouter.routers import Router, Routing, RoutingContext, build_router
 from hyperrouter.routers.base import fp32_linear
 from hyperrouter.routers.losses import at_least_fp32
@@ -45,8 +46,10 @@ class RoutingStats:
     entropy: mean over tokens of the entropy (nats) of the full router softmax over all E experts
     (None for routers without logits); dropped_fraction: the share of the call's T * k
     assignments that no expert computed (dropped by the router or the capacity limit; 0 when
-    every token got its k); backend: the expert backend that ran; top_k: the k used;
-    extra: the router's own per-call diagnostics (`Routing.stats`).
+    every token got its k; under a token policy, of the pairs the policy kept); backend: the
+    expert backend that ran; top_k: the k used (a token policy's k_max); extra: the router's own
+    per-call diagnostics (`Routing.stats`); mean_k: experts computed per token (kept pairs / T;
+    below top_k under a token policy, a capacity limit or a router that drops).
     """
 
     tokens_per_expert: Tensor
@@ -55,6 +58,7 @@ class RoutingStats:
     backend: str
     top_k: int
     extra: dict[str, Tensor] = field(default_factory=dict)
+    mean_k: Tensor | None = None
 
 
 @dataclass
@@ -96,6 +100,10 @@ class MoE(nn.Module):
             learned per-token 2-way softmax gate, y = g_0 y_routed + g_1 y_second, in training
             and in inference (VQMoE's layer: `second_router="vqmoe"`). Its auxiliary losses join
             the layer's (a name the first router also uses gets the prefix `second_`).
+
+    `token_policy` (default None, static k): a per-token choice of k (`hyperrouter.moe.policies`:
+    top-p, weight-ratio skipping); with one set, the layer routes every token to the policy's
+    k_max experts and computes only the prefix the policy keeps.
     """
 
     def __init__(
@@ -200,6 +208,7 @@ class MoE(nn.Module):
             nn.init.zeros_(self.path_gate.bias)
         self.second_top_k = second_top_k
         self.top_k = top_k
+        self.token_policy = None
         self.backend = backend
         self.step: int | None = None  # the optimizer step, set by the training step
         self.register_buffer("load_since_step", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -216,6 +225,24 @@ class MoE(nn.Module):
     @top_k.setter
     def top_k(self, value: int) -> None:
         self._top_k = self._check_top_k(value)
+
+    @property
+    def token_policy(self) -> TokenPolicy | None:
+        return self._token_policy
+
+    @token_policy.setter
+    def token_policy(self, policy: TokenPolicy | None) -> None:
+        if policy is not None:
+            if not isinstance(policy, TokenPolicy):
+                raise HyperRouterError(
+                    f"token_policy must be a TokenPolicy or None, got {policy!r}"
+                )
+            if self.router.uses_all_experts or (self.router.dispatch or self.dispatch) == "merge":
+                raise HyperRouterError(
+                    f"router {self.router_name!r} uses every expert on every token: a per-token "
+                    f"policy has no slots to choose from"
+                )
+        self._token_policy = policy
 
     @property
     def backend(self) -> str:
@@ -312,6 +339,9 @@ class MoE(nn.Module):
         """
         self._check_input(x)
         k = self.top_k if top_k is None else self._check_top_k(top_k)
+        policy = self.token_policy
+        if policy is not None:
+            k = policy.slots(self.num_experts)
         backend = self.backend if backend is None else _check_backend(backend)
         if self.router.uses_all_experts:
             k = self.num_experts
@@ -330,7 +360,15 @@ class MoE(nn.Module):
 
         with router_precision(x_TD, autocast) as x_router:
             routing = self._route(x_router, ctx)
-        routed = self._plan(x_TD, routing, k, backend, compute_dtype, autocast)
+            policy_keep = None
+            if policy is not None:
+                routing.keep, routing.weights = apply_policy(
+                    policy, routing.logits, routing.expert_ids, routing.weights, routing.keep
+                )
+                policy_keep = routing.keep
+        routed = self._plan(
+            x_TD, routing, k, backend, compute_dtype, autocast, policy_keep is not None
+        )
         second = None
         if x_TD.shape[0] == 0 and not self.dispatcher.collective:
             y_TD = self._empty_output(x_TD, compute_dtype)
@@ -354,7 +392,14 @@ class MoE(nn.Module):
         if not return_details:
             return output
         routing.keep = routed.keep_TK
-        stats = _routing_stats(routing, routed.keep_TK, self.num_experts, routed.backend, k)
+        stats = _routing_stats(
+            routing,
+            routed.keep_TK,
+            self.num_experts,
+            routed.backend,
+            k,
+            None if policy_keep is None else int(policy_keep.sum()),
+        )
         return MoEOutput(output, aux_losses, stats, routing)
 
     def _real_tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -392,9 +437,11 @@ class MoE(nn.Module):
         backend: str,
         compute_dtype: torch.dtype,
         autocast: bool,
+        variable_k: bool = False,
     ) -> Routed:
         """What the dispatcher will carry out: the keep mask under the capacity limit (over the
-        tokens the experts see) and the backend `auto` picks for this call."""
+        tokens the experts see) and the backend `auto` picks for this call (by the pairs a token
+        policy keeps, not by its k_max: the dense backend would compute every expert)."""
         keep_TK = routing.keep
         if self.capacity_factor is not None and (x_TD.shape[0] > 0 or self.dispatcher.collective):
             keep_TK = self.dispatcher.capacity_keep(
@@ -402,6 +449,8 @@ class MoE(nn.Module):
             )
         if backend == "auto":
             slots = routing.expert_ids.shape[1]
+            if variable_k:
+                slots = min(slots, -(-int(keep_TK.sum()) // max(x_TD.shape[0], 1)))
             backend = choose_backend(
                 x_TD.shape[0], self.num_experts, slots, x_TD.device, x_TD.dtype
             )
@@ -584,7 +633,12 @@ def _check_backend(value: str) -> str:
 
 @torch.no_grad()
 def _routing_stats(
-    routing: Routing, keep_TK: Tensor | None, num_experts: int, backend: str, top_k: int
+    routing: Routing,
+    keep_TK: Tensor | None,
+    num_experts: int,
+    backend: str,
+    top_k: int,
+    wanted: int | None = None,
 ) -> RoutingStats:
     ids_TK, logits_TE = routing.expert_ids, routing.logits
     device = ids_TK.device
@@ -599,8 +653,11 @@ def _routing_stats(
             entropy = logits_TE.new_zeros((), dtype=torch.float32)
     # against the T * k assignments of the call (not the router's slots: expert choice pads its
     # token-major slots, and padding is not a drop)
-    wanted = ids_TK.shape[0] * top_k
+    # (under a token policy, against the pairs the policy kept)
+    if wanted is None:
+        wanted = ids_TK.shape[0] * top_k
     dropped = max(0.0, 1.0 - kept_ids.numel() / wanted) if wanted else 0.0
+    mean_k = kept_ids.numel() / ids_TK.shape[0] if ids_TK.shape[0] else 0.0
     return RoutingStats(
         counts_E,
         entropy,
@@ -608,4 +665,5 @@ def _routing_stats(
         backend,
         top_k,
         {name: value.detach() for name, value in routing.stats.items()},
+        torch.tensor(mean_k, dtype=torch.float32, device=device),
     )
