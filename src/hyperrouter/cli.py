@@ -31,6 +31,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    return values
+
+
 def _str_list(text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
     if not values:
@@ -448,6 +458,145 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- adaptive
+
+
+def _add_adaptive(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adaptive",
+        help="k chosen per token and per input: cost-quality sweeps scored by AIQ",
+        description="Evaluate a trained MoE run at static k, under per-token policies (top-p, "
+        "weight-ratio skipping) and per-input policies (oracle, predictor, cascade), each a "
+        "sweep of quality against multiply-adds per token and measured time, scored by "
+        "RouterBench's AIQ over the static curve's cost range. Writes RUN/adaptive.json (and "
+        "adaptive.png with matplotlib). Time it alone on the machine.",
+    )
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--top-k", type=_int_list, help="static k values (default: the run's)")
+    p.add_argument(
+        "--top-p",
+        type=_float_list,
+        default=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95),
+        help="top-p values, each in (0, 1] (default 0.3,0.5,0.7,0.8,0.9,0.95; empty: none)",
+    )
+    p.add_argument(
+        "--ratio",
+        type=_float_list,
+        default=(0.05, 0.1, 0.2, 0.4, 0.6),
+        help="weight-ratio skip thresholds in [0, 1] (default 0.05,0.1,0.2,0.4,0.6)",
+    )
+    p.add_argument("--k-max", type=int, help="most experts a token may keep (default all E)")
+    p.add_argument(
+        "--per-input",
+        type=_str_list,
+        default=("oracle", "predictor", "cascade"),
+        help="per-input policies (default oracle,predictor,cascade; 'none' for none)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=_float_list,
+        default=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2),
+        help="oracle/predictor loss tolerances in nats per token (default 0,0.01,...,0.2)",
+    )
+    p.add_argument(
+        "--cascade",
+        type=_int_list,
+        default=None,
+        metavar="SMALL,LARGE",
+        help="the cascade's two k (default: the smallest and largest static k)",
+    )
+    p.add_argument(
+        "--escalate",
+        type=_float_list,
+        default=(0.1, 0.25, 0.5, 0.75),
+        help="shares of validation inputs the cascade's thresholds escalate",
+    )
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--data", metavar="PATH", help="corpus (default: the one the run used)")
+    p.add_argument("--max-batches", type=int, help="evaluate only the first N batches")
+    p.add_argument("--out", metavar="PATH", help="JSON output (default RUN_DIR/adaptive.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_adaptive)
+
+
+def _adaptive(args: argparse.Namespace) -> int:
+    from hyperrouter.analysis.adaptive import PER_INPUT, SweepSpec, adaptive_sweep, format_report
+    from hyperrouter.moe.policies import TopP, WeightRatio
+    from hyperrouter.train.checkpoint import write_json_atomic
+    from hyperrouter.train.config import check_top_ks
+    from hyperrouter.train.evaluate import inference_ks, load_matching_corpus, load_trained
+
+    per_input = [x for x in args.per_input if x != "none"]
+    unknown = sorted(set(per_input) - set(PER_INPUT))
+    if unknown:
+        raise HyperRouterError(
+            f"--per-input: unknown {', '.join(unknown)}; valid: {', '.join(PER_INPUT)}, none"
+        )
+    for p_value in args.top_p:
+        TopP(p=p_value)  # one-line errors for values out of range
+    for r in args.ratio:
+        WeightRatio(r=r)
+    if any(t < 0 for t in args.tolerance):
+        raise HyperRouterError(f"--tolerance values must be >= 0, got {list(args.tolerance)}")
+    if any(not 0 <= s <= 1 for s in args.escalate):
+        raise HyperRouterError(f"--escalate shares must be in [0, 1], got {list(args.escalate)}")
+    if args.max_batches is not None and args.max_batches < 2:
+        raise HyperRouterError(f"--max-batches must be >= 2, got {args.max_batches}")
+    out = Path(args.out) if args.out else Path(args.run) / "adaptive.json"
+    check_writable(out, "--out", folder=False)
+    run = load_trained(args.run)
+    model = run.model
+    if not model.moe_layers():
+        raise HyperRouterError(f"{args.run} is a dense model: there is no k to choose")
+    experts = model.num_experts
+    ks = list(args.top_k) if args.top_k else inference_ks(model, run.config)
+    check_top_ks(ks, experts, "--top-k values")
+    ks = sorted(set(ks))
+    if args.k_max is not None and not 1 <= args.k_max <= experts:
+        raise HyperRouterError(f"--k-max must be in [1, {experts}], got {args.k_max}")
+    cascade = tuple(args.cascade) if args.cascade else (ks[0], ks[-1])
+    if len(cascade) != 2 or not 1 <= cascade[0] < cascade[1] <= experts:
+        raise HyperRouterError(
+            f"--cascade needs two k, SMALL < LARGE in [1, {experts}], got {args.cascade}"
+        )
+    corpus = load_matching_corpus(run, args.data)
+    spec = SweepSpec(
+        ks=ks,
+        top_ps=list(args.top_p),
+        ratios=list(args.ratio),
+        k_max=args.k_max,
+        per_input=per_input,
+        tolerances=list(args.tolerance),
+        cascade_ks=cascade,
+        escalate=list(args.escalate),
+    )
+    device = next(model.parameters()).device
+    result = adaptive_sweep(
+        model,
+        run.config,
+        run.kind,
+        corpus.valid,
+        getattr(corpus, args.split),
+        spec,
+        device,
+        max_batches=args.max_batches,
+        progress=not args.no_progress,
+    )
+    result["split"] = args.split
+    result["checkpoint"] = str(run.folder)
+    write_json_atomic(out, result)
+    print(format_report(result))
+    print(f"wrote {out}")
+    try:
+        from hyperrouter.analysis.plots import plot_adaptive
+    except ImportError:
+        return 0
+    png = out.with_suffix(".png")
+    if plot_adaptive(result, png):
+        print(f"wrote {png}")
+    return 0
+
+
 # --------------------------------------------------------------------------- finetune
 
 
@@ -771,6 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_eval,
+    _add_adaptive,
     _add_finetune,
     _add_compare,
     _add_analyze,

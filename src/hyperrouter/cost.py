@@ -27,6 +27,7 @@ same forward (tests/test_cost.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hyperrouter.models.transformer_xl import TransformerXL
@@ -67,7 +68,7 @@ def _router_macs(moe, tokens_per_call: int) -> float:
     return 0.0  # routers without a gate (hash, ...)
 
 
-def _expert_macs(moe, k: int) -> float:
+def _expert_macs(moe, k: float) -> float:
     ex = moe.experts
     per = ex.d_model * ex.w_in.shape[-1] + ex.d_hidden * ex.d_model
     k_eff = moe.num_experts if moe.router.uses_all_experts else k
@@ -102,13 +103,17 @@ def _softmax_macs(model: TransformerXL) -> float:
     return total
 
 
-def macs_per_token(model: TransformerXL, shape: Shape, k: int | None = None) -> dict[str, float]:
+def macs_per_token(
+    model: TransformerXL, shape: Shape, k: float | Sequence[float] | None = None
+) -> dict[str, float]:
     """Multiply-adds per target token of one evaluation forward, by part (`PARTS`), at k experts
-    per token (default: the model's current k)."""
+    per token (default: the model's current k): one number for every MoE layer, or one per MoE
+    layer; a mean over tokens (a per-token policy's `mean_k`) may be fractional."""
     c = model.config
     d, heads, d_head = c.d_model, c.n_head, c.d_head
     klen = shape.mlen + shape.qlen
     out = dict.fromkeys(PARTS, 0.0)
+    moe_index = 0
     for layer in model.layers:
         out["attention_projections"] += (
             3 * d * heads * d_head * klen / shape.qlen
@@ -120,7 +125,13 @@ def macs_per_token(model: TransformerXL, shape: Shape, k: int | None = None) -> 
         if moe is None:
             out["dense_ffn"] += 2 * d * layer.ff.core[0].out_features
         else:
-            layer_k = moe.top_k if k is None else k
+            if k is None:
+                layer_k = moe.top_k
+            elif isinstance(k, (int, float)):
+                layer_k = k
+            else:
+                layer_k = k[moe_index]
+            moe_index += 1
             out["experts"] += _expert_macs(moe, layer_k)
             out["router"] += _router_macs(moe, shape.qlen * shape.batch)
     out["softmax"] = _softmax_macs(model)

@@ -148,3 +148,36 @@ def sweep_plots(
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def plot_adaptive(result: dict[str, Any], path: Path) -> bool:
+    """`hyperrouter adaptive`: the metric against multiply-adds per token and against measured
+    time, static k and every policy, each with its non-decreasing convex hull (dashed)."""
+    from hyperrouter.analysis.aiq import nondecreasing_hull
+
+    plt = _pyplot()
+    if plt is None:
+        return False
+    metric = result["metric"]
+    curves = {"static k": result["static"], **result.get("policies", {})}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in (
+        (axes[0], "macs_per_token", "multiply-adds per token"),
+        (axes[1], "ms_per_1000_tokens", "ms per 1,000 tokens (measured)"),
+    ):
+        for i, (name, rows) in enumerate(curves.items()):
+            color = f"C{i}"
+            xs = [r[key] for r in rows]
+            ys = [r["value"] for r in rows]
+            ax.plot(xs, ys, "o", color=color, label=name, ms=4)
+            hx, hy = zip(*nondecreasing_hull((x, -y) for x, y in zip(xs, ys)))
+            ax.plot(hx, [-y for y in hy], "--", color=color, lw=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{metric} (lower is better)")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+    axes[0].legend(fontsize=8)
+    fig.suptitle("quality against cost: static k and the adaptive policies")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
