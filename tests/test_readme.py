@@ -39,6 +39,10 @@ TINY = {
     "train": [*SMALL_RUN, "--no-progress"],
     "compare": ["--seeds", "1", *SMALL_RUN, "--no-progress"],
     "eval": ["--no-progress"],
+    "adaptive": [
+        *("--max-batches", "2", "--top-p", "0.5", "--ratio", "0.2", "--tolerance", "0.05"),
+        *("--escalate", "0.5", "--no-progress"),
+    ],
     "analyze": ["--tokens", "256"],
     "finetune": [*SMALL_FINETUNE, "--no-progress"],
     "bench": [

@@ -1,4 +1,5 @@
-"""The `hyperrouter` command: train, eval, finetune, compare, analyze, scaling, data, bench.
+"""The `hyperrouter` command: train, eval, adaptive, finetune, compare, analyze, scaling, data,
+bench.
 
 Bad input ends with one line on stderr and a non-zero exit (2); `--debug` shows the traceback.
 """

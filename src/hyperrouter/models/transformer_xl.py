@@ -129,6 +129,13 @@ class RelPartialLearnableAttention(nn.Module):
         hold garbage and must be masked.
         """
         *lead, qlen, rlen = x.shape
+        if not (torch.is_grad_enabled() and x.requires_grad) and x.is_contiguous():
+            # without autograd, the same entries as a strided view (no copy): row i starts
+            # qlen - 1 - i entries into row i of x; entry (i, j) is x[i, j + qlen - 1 - i], which
+            # for the masked j > i + mlen runs into the next row (still inside x)
+            return x.as_strided(
+                (*lead, qlen, rlen), (*x.stride()[:-2], rlen - 1, 1), x.storage_offset() + qlen - 1
+            )
         padded = torch.cat([x.new_zeros(*lead, qlen, 1), x], dim=-1)
         return padded.view(*lead, rlen + 1, qlen)[..., 1:, :].reshape(*lead, qlen, rlen)
 
@@ -152,7 +159,9 @@ class RelPartialLearnableAttention(nn.Module):
         r_HDR = self.r_net(r).view(r.shape[0], n_head, d_head).permute(1, 2, 0)
         ac = torch.matmul(q_BHQD + r_w_bias[:, None, :], k_BHKD.transpose(-1, -2))
         bd = self._rel_shift(torch.matmul(q_BHQD + r_r_bias[:, None, :], r_HDR))
-        score = ((ac + bd) * self.scale).float().masked_fill(attn_mask, float("-inf"))
+        # in place (ac is this call's own buffer): the same values as ((ac + bd) * scale), without
+        # three more score-sized tensors
+        score = ac.add_(bd).mul_(self.scale).float().masked_fill_(attn_mask, float("-inf"))
         prob = self.dropatt(torch.softmax(score, dim=-1).to(v_BHKD.dtype))
         vec = torch.matmul(prob, v_BHKD).permute(2, 0, 1, 3).reshape(qlen, bsz, n_head * d_head)
         return self.layer_norm(w + self.drop(self.o_net(vec)))
