@@ -51,6 +51,7 @@ class ModelBenchRecord:
     tokens_per_second: float
     repeats: int
     macs_per_token: dict[str, float] = field(default_factory=dict)
+    compiled: bool = False  # attention blocks under torch.compile (`--compile`)
 
     @property
     def total_macs(self) -> float:
@@ -125,8 +126,12 @@ def run_model_bench(
     warmup: int = 2,
     dense: bool = True,
     progress: bool = False,
+    compile: bool = False,
 ) -> list[ModelBenchRecord]:
-    """Time `model` (and its dense twin for each k) at each k in each mode; returns the records."""
+    """Time `model` (and its dense twin for each k) at each k in each mode; returns the records.
+
+    `compile`: every contender is a copy whose attention blocks run under torch.compile
+    (`TransformerXL.compile_attention`; eager, with a note, where this torch cannot compile)."""
     if not model.moe_layers():
         raise HyperRouterError("bench model needs a model with MoE layers (this one is dense)")
     experts = model.num_experts
@@ -162,9 +167,17 @@ def run_model_bench(
             if dense:
                 contenders.append(("dense_twin", k, twins[k]))
         steps = []
-        for name, k, m in contenders:
+        compiled_copies: dict[int, TransformerXL] = {}
+        for i, (name, k, m) in enumerate(contenders):
             if mode == "train":  # each contender its own copy: optimizer steps change weights
                 m = copy.deepcopy(m)
+            if compile:  # a compiled copy (one for all the k of the MoE model in inference)
+                if id(m) not in compiled_copies:
+                    twin = copy.deepcopy(m)
+                    compiled = twin.compile_attention()
+                    compiled_copies[id(m)] = twin
+                m = compiled_copies[id(m)]
+                contenders[i] = (name, k, m)
             if name == "moe":
                 m.set_top_k(k)
             mems = _memory(m, data, mlen)
@@ -198,6 +211,7 @@ def run_model_bench(
                     tokens_per_second=round(qlen * batch / (median / 1e3), 1),
                     repeats=len(ts),
                     macs_per_token=macs_per_token(m, cost_shape, k if name == "moe" else None),
+                    compiled=compile and compiled,
                 )
             )
     bar.close()

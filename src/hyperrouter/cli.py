@@ -168,6 +168,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--profile", action="store_true", help="also break one inference call down by part"
     )
+    model.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the attention blocks under torch.compile (compiled once per model and "
+        "shape before the warm-up; eager with a note where this torch cannot compile)",
+    )
     model.set_defaults(handler=_bench_model)
 
 
@@ -203,8 +209,10 @@ def _bench_model(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         dense=not args.no_dense,
         progress=sys.stderr.isatty(),
+        compile=args.compile,
     )
-    print(f"# {bench.machine_description()}")
+    compiled = " (attention under torch.compile)" if any(r.compiled for r in records) else ""
+    print(f"# {bench.machine_description()}{compiled}")
     print(bench_model.format_table(records))
     if args.profile:
         for k in sorted({r.top_k for r in records if r.model == "moe"}):

@@ -9,6 +9,7 @@ or a `hyperrouter.MoE`, chosen per layer. Shapes are [time, batch, ...] as in th
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,27 @@ class LMOutput:
     moe_outputs: list[MoEOutput] = field(default_factory=list)  # per MoE layer: losses, routing
 
 
+_COMPILE_STATUS: dict[str, str | None] = {}
+
+
+def can_compile() -> bool:
+    """Whether torch.compile works here (tried once on a tiny function; the reason it does not
+    is printed once on stderr)."""
+    if "error" not in _COMPILE_STATUS:
+        try:
+            fn = torch.compile(lambda t: torch.softmax(t * 2.0, -1), dynamic=False)
+            fn(torch.randn(2, 3))
+            _COMPILE_STATUS["error"] = None
+        except Exception as err:  # noqa: BLE001 (any failure of the toolchain means: stay eager)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            _COMPILE_STATUS["error"] = reason
+            print(
+                f"note: torch.compile is not available here ({reason}); running eager",
+                file=sys.stderr,
+            )
+    return _COMPILE_STATUS["error"] is None
+
+
 class PositionalEmbedding(nn.Module):
     """Sinusoid embedding of relative distances, as in Transformer-XL."""
 
@@ -129,7 +151,8 @@ class RelPartialLearnableAttention(nn.Module):
         hold garbage and must be masked.
         """
         *lead, qlen, rlen = x.shape
-        if not (torch.is_grad_enabled() and x.requires_grad) and x.is_contiguous():
+        eager = not torch.compiler.is_compiling()  # (the compiler fuses the copies itself)
+        if eager and not (torch.is_grad_enabled() and x.requires_grad) and x.is_contiguous():
             # without autograd, the same entries as a strided view (no copy): row i starts
             # qlen - 1 - i entries into row i of x; entry (i, j) is x[i, j + qlen - 1 - i], which
             # for the masked j > i + mlen runs into the next row (still inside x)
@@ -311,6 +334,18 @@ class TransformerXL(nn.Module):
         """Use k experts per token in every MoE layer (validated against E)."""
         for layer in self.moe_layers():
             layer.top_k = top_k
+
+    def compile_attention(self) -> bool:
+        """torch.compile every layer's attention block (the model's memory-bound part: the score
+        tensor's add, scale, mask and softmax fuse into fewer passes); the MoE layers stay eager
+        (their dispatch has data-dependent shapes). The parameters and state_dict are unchanged.
+        False, with one line on stderr, where this torch cannot compile (no C++ compiler, an
+        unsupported platform): the model then stays eager."""
+        if not can_compile():
+            return False
+        for layer in self.layers:
+            layer.attn.forward = torch.compile(layer.attn.forward, dynamic=False)
+        return True
 
     def set_token_policy(self, policy) -> None:
         """Choose k per token in every MoE layer (`hyperrouter.moe.policies`; None: static k)."""
