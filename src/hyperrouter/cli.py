@@ -606,6 +606,144 @@ def _adaptive(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a run over HTTP (OpenAI-compatible), k chosen per batch by a load policy",
+        description="`hyperrouter serve RUN` starts an HTTP server (FastAPI + uvicorn; install "
+        "with `bash scripts/setup.sh serve`): POST /v1/completions (OpenAI-compatible, with an "
+        "extension field k), POST /v1/score, GET /health, GET /metrics. "
+        "`hyperrouter serve train-policy RUN` measures the per-k latency profile and trains the "
+        "learned policy in simulation, writing RUN/serve/policy.json.",
+    )
+    p.add_argument("target", nargs="+", metavar="RUN_DIR | train-policy RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--policy", default="static", help="static, rule or learned (default static: --k or E)"
+    )
+    p.add_argument("--k", type=int, help="the static policy's k (default: all experts)")
+    p.add_argument("--policy-file", metavar="PATH", help="default RUN_DIR/serve/policy.json")
+    p.add_argument("--deadline-ms", type=float, default=1000.0, help="per request (default 1000)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests per batch (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait to fill a batch (5)")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before 429 (64)")
+    p.add_argument("--max-prompt", type=int, default=4096, help="prompt limit, bytes (4096)")
+    p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens (512)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    group = p.add_argument_group("train-policy")
+    group.add_argument("--ks", type=_int_list, help="k values to choose from (default eval.top_ks)")
+    group.add_argument("--prompt-tokens", type=int, default=64, help="profiled prompt (64)")
+    group.add_argument("--max-tokens", type=int, default=32, help="profiled answer length (32)")
+    group.add_argument("--episodes", type=int, default=400, help="Q-learning episodes (400)")
+    group.add_argument("--repeats", type=int, default=3, help="profile repeats (3)")
+    p.set_defaults(handler=_serve)
+
+
+def _run_dir_of(path: str) -> Path:
+    p = Path(path)
+    return p.parent.parent if (p / "model.safetensors").is_file() else p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hyperrouter.serve.engine import Engine
+    from hyperrouter.train.evaluate import inference_ks, load_trained
+
+    target = list(args.target)
+    training = target[0] == "train-policy"
+    if training:
+        target = target[1:]
+    if len(target) != 1:
+        raise HyperRouterError("serve takes RUN_DIR, or train-policy RUN_DIR")
+    for name, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--max-queue", args.max_queue, 1),
+        ("--max-prompt", args.max_prompt, 1),
+        ("--max-tokens-limit", args.max_tokens_limit, 1),
+        ("--prompt-tokens", args.prompt_tokens, 1),
+        ("--max-tokens", args.max_tokens, 1),
+        ("--episodes", args.episodes, 1),
+        ("--repeats", args.repeats, 1),
+        ("--port", args.port, 0),
+    ):
+        if value < low:
+            raise HyperRouterError(f"{name} must be >= {low}, got {value}")
+    if not args.deadline_ms > 0 or args.max_wait_ms < 0:
+        raise HyperRouterError("--deadline-ms must be > 0 and --max-wait-ms >= 0")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_dir = _run_dir_of(target[0])
+    policy_file = Path(args.policy_file) if args.policy_file else run_dir / "serve" / "policy.json"
+    run = load_trained(target[0])
+    engine = Engine(run, max_prompt=args.max_prompt, max_tokens_limit=args.max_tokens_limit)
+    if training:
+        from hyperrouter.serve.profile import format_simulation, train_policy
+
+        if not run.model.moe_layers():
+            raise HyperRouterError(f"{target[0]} is a dense model: there is no k to choose")
+        ks = sorted(set(args.ks)) if args.ks else inference_ks(run.model, run.config)
+        for k in ks:
+            engine.check_k(k, "--ks")
+        check_writable(policy_file, "--policy-file", folder=False)
+        result = train_policy(
+            engine,
+            run_dir=run_dir,
+            out=policy_file,
+            ks=ks,
+            deadline_ms=args.deadline_ms,
+            max_batch=args.max_batch,
+            prompt_tokens=args.prompt_tokens,
+            max_tokens=args.max_tokens,
+            episodes=args.episodes,
+            repeats=args.repeats,
+        )
+        profile = result["profile"]
+        print(f"profile ({profile.machine}), ms per batch of n requests:")
+        print(f"{'k':>4} " + " ".join(f"{'n=' + str(n):>9}" for n in profile.batch_sizes))
+        for k in profile.ks:
+            print(f"{k:>4} " + " ".join(f"{t:>9.1f}" for t in profile.batch_ms[str(k)]))
+        print("simulated (60 s of Poisson arrivals per rate):")
+        print(format_simulation(result["table"]))
+        print(f"wrote {policy_file}")
+        return 0
+    try:
+        import uvicorn
+
+        from hyperrouter.serve.app import Server, create_app
+    except ImportError as err:
+        raise HyperRouterError(
+            f"serving needs the serve extra ({err.name} is missing): bash scripts/setup.sh serve"
+        ) from None
+    from hyperrouter.serve.policies import build_policy
+
+    if args.k is not None:
+        engine.check_k(args.k, "--k")
+    policy = build_policy(
+        args.policy,
+        k=args.k,
+        num_experts=engine.num_experts,
+        deadline_ms=args.deadline_ms,
+        max_batch=args.max_batch,
+        policy_file=policy_file,
+    )
+    server = Server(
+        engine,
+        policy,
+        deadline_ms=args.deadline_ms,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+    )
+    print(f"serving {run_dir} on http://{args.host}:{args.port} (policy {policy.kind})", flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 # --------------------------------------------------------------------------- finetune
 
 
@@ -930,6 +1068,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_eval,
     _add_adaptive,
+    _add_serve,
     _add_finetune,
     _add_compare,
     _add_analyze,

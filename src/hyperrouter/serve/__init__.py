@@ -1,0 +1,1 @@
+"""`hyperrouter serve`: an inference server whose load controller chooses k (see app.py)."""

@@ -1,0 +1,410 @@
+"""The HTTP server of `hyperrouter serve` (FastAPI on uvicorn; the optional `serve` extra).
+
+Endpoints: OpenAI-compatible `POST /v1/completions` (prompt, max_tokens, temperature, top_p,
+stop, seed, stream as server-sent events; extension field `k` pins the number of experts, and
+every response says which k served it), `POST /v1/score` (per-token loss, BPC or perplexity),
+`GET /health`, `GET /metrics` (Prometheus text format).
+
+Requests wait in a bounded queue (a full queue answers 429 with Retry-After). One worker thread
+runs the model off the event loop: it takes the oldest request, waits up to `max_wait_ms` for
+more, up to `max_batch`, asks the policy for k (requests that pin k form their own groups), and
+generates the whole batch with its generation steps batched together (a new request waits for the
+running batch to end). Bad input gets a 4xx with OpenAI's error shape naming the field; the
+server keeps answering. On shutdown the queue is drained before the worker stops.
+(No `from __future__ import annotations` here: FastAPI reads the handlers' annotations.)
+"""
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from hyperrouter.serve.engine import BadRequest, Engine, Sampling, Sequence
+from hyperrouter.serve.policies import Policy, QueueState
+
+
+@dataclass
+class Job:
+    """One request in the queue."""
+
+    kind: str  # "completion" or "score"
+    arrived: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    k: int | None = None
+    seq: Sequence | None = None
+    text: str = ""
+    stream: asyncio.Queue | None = None
+    cancelled: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Metrics:
+    """The server's Prometheus metrics (their own registry, so several apps can live in one
+    process, e.g. in the tests)."""
+
+    def __init__(self, deadline_ms: float) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hyperrouter_requests",
+            "requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        buckets = [b * deadline_ms / 1000 for b in (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 4, 8)]
+        self.latency = Histogram(
+            "hyperrouter_request_latency_seconds",
+            "arrival to answer",
+            ["endpoint"],
+            buckets=buckets,
+            registry=self.registry,
+        )
+        self.queue = Gauge("hyperrouter_queue_length", "requests waiting", registry=self.registry)
+        self.k = Counter(
+            "hyperrouter_requests_by_k", "requests served at each k", ["k"], registry=self.registry
+        )
+        self.misses = Counter(
+            "hyperrouter_deadline_misses",
+            "answers later than the deadline",
+            registry=self.registry,
+        )
+        self.batches = Counter("hyperrouter_batches", "batches run", registry=self.registry)
+
+
+class Server:
+    """The queue, the worker thread and the policy around an `Engine`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        policy: Policy,
+        *,
+        deadline_ms: float = 1000.0,
+        max_batch: int = 8,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 64,
+    ) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.deadline_ms = deadline_ms
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.metrics = Metrics(deadline_ms)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self._arrivals: list[float] = []
+        self._held: Job | None = None
+        self.model_name = str(engine.run.folder)
+
+    # ------------------------------------------------------------------ worker
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._work, name="hyperrouter-serve", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=600)
+
+    def submit(self, job: Job) -> None:
+        now = time.perf_counter()
+        self._arrivals = [t for t in self._arrivals if now - t < 5.0] + [now]
+        self.jobs.put_nowait(job)  # queue.Full -> 429
+        self.metrics.queue.set(self.jobs.qsize())
+
+    def _take_batch(self) -> list[Job]:
+        if self._held is not None:
+            held, self._held = self._held, None
+            return [held]
+        try:
+            first = self.jobs.get(timeout=0.05)
+        except queue.Empty:
+            return []
+        batch = [first]
+        if first.kind != "completion":
+            return batch
+        end = time.perf_counter() + self.max_wait_ms / 1000
+        while len(batch) < self.max_batch:
+            left = end - time.perf_counter()
+            try:
+                job = self.jobs.get(timeout=max(left, 0)) if left > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job.kind != "completion":  # a score runs on its own, right after this batch
+                self._held = job
+                break
+            batch.append(job)
+        return batch
+
+    def _work(self) -> None:
+        while not (self.stopping.is_set() and self.jobs.empty() and self._held is None):
+            batch = self._take_batch()
+            self.metrics.queue.set(self.jobs.qsize())
+            if batch:
+                self._run(batch)
+
+    def _state(self, batch: list[Job]) -> QueueState:
+        now = time.perf_counter()
+        recent = [t for t in self._arrivals if now - t < 5.0]
+        oldest = min(job.arrived for job in batch)
+        return QueueState(len(batch) + self.jobs.qsize(), (now - oldest) * 1e3, len(recent) / 5.0)
+
+    def _run(self, batch: list[Job]) -> None:
+        self.metrics.batches.inc()
+        if batch[0].kind == "score":
+            job = batch[0]
+            k = job.k if job.k is not None else self.policy.choose(self._state(batch))
+            self._finish(job, lambda: self.engine.score(job.text, k), k)
+            return
+        free = [job for job in batch if job.k is None]
+        groups: dict[int, list[Job]] = {}
+        if free:
+            groups[self.policy.choose(self._state(batch))] = list(free)
+        for job in batch:
+            if job.k is not None:
+                groups.setdefault(job.k, []).append(job)
+        for k, jobs in groups.items():
+            try:
+                self.engine.generate_batch([job.seq for job in jobs], k)
+            except Exception as err:  # noqa: BLE001 (one failed batch must not stop the server)
+                for job in jobs:
+                    job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+                continue
+            for job in jobs:
+                self._finish(job, lambda job=job: job.seq, k)
+
+    def _finish(self, job: Job, compute, k: int) -> None:
+        try:
+            result = compute()
+        except Exception as err:  # noqa: BLE001
+            job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+            return
+        latency = time.perf_counter() - job.arrived
+        endpoint = "completions" if job.kind == "completion" else "score"
+        self.metrics.latency.labels(endpoint).observe(latency)
+        self.metrics.k.labels(str(k)).inc()
+        if latency * 1e3 > self.deadline_ms:
+            self.metrics.misses.inc()
+        job.loop.call_soon_threadsafe(_set_result, job.future, (result, k))
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, err: BaseException) -> None:
+    if not future.done():
+        future.set_exception(err)
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str | None = None):
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _json_body(request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON", None) from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", None)
+    return body
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, list):
+        raise BadRequest("stop must be a string or a list of strings", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise BadRequest("seed must be a non-negative integer", "seed")
+    return Sampling(
+        max_tokens=body.get("max_tokens", 16),
+        temperature=body.get("temperature", 1.0),
+        top_p=body.get("top_p", 1.0),
+        stop=stop,
+        seed=seed,
+    )
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise BadRequest("prompt must be a string (or a list of exactly one)", "prompt")
+        prompt = prompt[0]
+    if prompt is None:
+        raise BadRequest("prompt is required", "prompt")
+    return prompt
+
+
+def create_app(server: Server):
+    """The FastAPI application around a `Server` (its worker starts and stops with the app)."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, server.stop)
+
+    app = FastAPI(title="hyperrouter", lifespan=lifespan)
+    engine = server.engine
+
+    def enqueue(job: Job, endpoint: str):
+        try:
+            server.submit(job)
+        except queue.Full:
+            server.metrics.requests.labels(endpoint, "429").inc()
+            return _error(429, "the server is busy: too many queued requests", None, "rate_limit")
+        return None
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, err: BadRequest):
+        endpoint = request.url.path.rsplit("/", 1)[-1]
+        server.metrics.requests.labels(endpoint, "400").inc()
+        return _error(400, str(err), err.param)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _json_body(request)
+        if body.get("n", 1) != 1:
+            raise BadRequest("only n = 1 is supported", "n")
+        k = body.get("k")
+        if k is not None:
+            engine.check_k(k)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("stream must be true or false", "stream")
+        seq = engine.new_sequence(_prompt(body), _sampling(body))
+        loop = asyncio.get_running_loop()
+        job = Job("completion", time.perf_counter(), loop, loop.create_future(), k, seq)
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if stream:
+            job.stream = asyncio.Queue()
+            seq.on_token = lambda text: loop.call_soon_threadsafe(job.stream.put_nowait, text)
+        refused = enqueue(job, "completions")
+        if refused is not None:
+            return refused
+
+        def payload(text: str, finish: str | None, k_used: int | None) -> dict[str, Any]:
+            out = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": server.model_name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+                "k": k_used,
+            }
+            return out
+
+        if not stream:
+            try:
+                done, k_used = await job.future
+            except asyncio.CancelledError:
+                seq.finish_reason = "cancelled"
+                raise
+            server.metrics.requests.labels("completions", "200").inc()
+            out = payload(done.text, done.finish_reason, k_used)
+            n_out = len(done.out_ids)
+            out["usage"] = {
+                "prompt_tokens": len(done.prompt_ids),
+                "completion_tokens": n_out,
+                "total_tokens": len(done.prompt_ids) + n_out,
+            }
+            return JSONResponse(out)
+
+        async def events():
+            try:
+                while True:
+                    getter = asyncio.ensure_future(job.stream.get())
+                    finished, _ = await asyncio.wait(
+                        {getter, job.future}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if getter in finished:
+                        yield f"data: {json.dumps(payload(getter.result(), None, None))}\n\n"
+                        continue
+                    getter.cancel()
+                    while not job.stream.empty():
+                        text = job.stream.get_nowait()
+                        yield f"data: {json.dumps(payload(text, None, None))}\n\n"
+                    done, k_used = job.future.result()
+                    yield f"data: {json.dumps(payload('', done.finish_reason, k_used))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    server.metrics.requests.labels("completions", "200").inc()
+                    return
+            except BaseException:  # the client went away: stop generating for it
+                seq.finish_reason = seq.finish_reason or "cancelled"
+                raise
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        body = await _json_body(request)
+        k = body.get("k")
+        if k is not None:
+            engine.check_k(k)
+        text = body.get("text")
+        engine.encode(text, "text")  # bad input answers before it queues
+        loop = asyncio.get_running_loop()
+        job = Job("score", time.perf_counter(), loop, loop.create_future(), k, text=text)
+        refused = enqueue(job, "score")
+        if refused is not None:
+            return refused
+        result, _ = await job.future
+        server.metrics.requests.labels("score", "200").inc()
+        return JSONResponse(result)
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": server.model_name,
+            "experts": engine.num_experts,
+            "policy": server.policy.kind,
+            "queue": server.jobs.qsize(),
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        server.metrics.queue.set(server.jobs.qsize())
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, err):
+        return _error(404, f"no such endpoint: {request.method} {request.url.path}")
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, err):
+        return _error(405, f"{request.method} is not allowed on {request.url.path}")
+
+    return app

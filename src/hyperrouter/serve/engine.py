@@ -1,0 +1,275 @@
+"""The model behind `hyperrouter serve`: scoring and sampling at any k, one request or a batch.
+
+A request's text is encoded with the run's vocabulary; the prompt runs through the model in
+segments of at most the training length with recurrence memory (as evaluation does), then every
+new token is one step of the model on that memory. A batch runs the generation steps of all its
+requests together: the requests are stacked as columns (grouped by their current memory length,
+which is equal for all once their context reaches mem_len), so that a step costs one forward for
+the whole group. Sampling draws from each request's own generator, seeded by the request, so a
+request gets the same text alone or in a batch, at the same k (up to float rounding of batched
+matrix products, which moves a draw only when it falls within ~1e-7 of a boundary).
+
+`generate` and `score` are the library's own sampling and scoring, with the same code path as
+the server (`Engine`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hyperrouter.data.vocab import UNK
+from hyperrouter.errors import HyperRouterError
+from hyperrouter.models.transformer_xl import TransformerXL
+from hyperrouter.train.evaluate import LoadedRun
+
+
+class BadRequest(HyperRouterError):
+    """Bad input of one request: the message and the field it is about (an HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Sampling:
+    """How one request samples: temperature 0 is greedy; top_p the nucleus; stop strings end it."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Sequence:
+    """One request being generated: its ids so far, memory, next-token logits and generator."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    generator: torch.Generator
+    mems: list[Tensor] = field(default_factory=list)
+    logits: Tensor | None = None
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    on_token: Callable[[str], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def mem_rows(self) -> int:
+        return self.mems[0].shape[0] if self.mems else 0
+
+
+def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """One token id from next-token logits [V] (fp32): greedy at temperature 0, else softmax at
+    the temperature, restricted to the smallest set of tokens whose probability reaches top_p."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True, stable=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < sampling.top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    """A trained language model ready to serve: encode, score and generate at any k."""
+
+    def __init__(
+        self,
+        run: LoadedRun,
+        *,
+        max_prompt: int = 4096,
+        max_tokens_limit: int = 512,
+    ) -> None:
+        self.run = run
+        self.model: TransformerXL = run.model.eval()
+        self.vocab = run.vocab
+        self.kind = run.kind
+        self.device = next(self.model.parameters()).device
+        self.num_experts = self.model.num_experts if self.model.moe_layers() else 1
+        self.segment = run.config.train.tgt_len
+        self.mem_len = run.config.train.mem_len
+        self.max_prompt = max_prompt
+        self.max_tokens_limit = max_tokens_limit
+        self.model.mem_len = self.mem_len
+
+    # ------------------------------------------------------------------ input
+    def check_k(self, k: object, param: str = "k") -> int:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise BadRequest(f"{param} must be an integer in [1, {self.num_experts}]", param)
+        if not 1 <= k <= self.num_experts:
+            raise BadRequest(f"{param} must be in [1, {self.num_experts}], got {k}", param)
+        return k
+
+    def encode(self, text: object, param: str = "prompt") -> list[int]:
+        """Ids of a prompt; text the model's vocabulary cannot hold is refused, not replaced."""
+        if not isinstance(text, str):
+            raise BadRequest(f"{param} must be a string", param)
+        if not text:
+            raise BadRequest(f"{param} is empty", param)
+        size = len(text.encode("utf-8")) if self.kind == "char" else len(text.split())
+        if size > self.max_prompt:
+            unit = "bytes" if self.kind == "char" else "words"
+            raise BadRequest(
+                f"{param} is {size} {unit}, more than the limit of {self.max_prompt}", param
+            )
+        ids = self.vocab.encode(text)
+        if not ids:
+            raise BadRequest(f"{param} has no tokens", param)
+        unk = self.vocab.unk_id
+        if unk in ids and (self.kind == "char" or UNK not in text.split()):
+            where = ids.index(unk)
+            raise BadRequest(
+                f"{param} holds a symbol outside the model's vocabulary (token {where})", param
+            )
+        return ids
+
+    def check_sampling(self, sampling: Sampling) -> Sampling:
+        m = sampling.max_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.max_tokens_limit:
+            raise BadRequest(
+                f"max_tokens must be an integer in [1, {self.max_tokens_limit}], got {m!r}",
+                "max_tokens",
+            )
+        t = sampling.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 10:
+            raise BadRequest(f"temperature must be a number in [0, 10], got {t!r}", "temperature")
+        p = sampling.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise BadRequest(f"top_p must be a number in (0, 1], got {p!r}", "top_p")
+        if not all(isinstance(s, str) and s for s in sampling.stop) or len(sampling.stop) > 4:
+            raise BadRequest("stop must be a string or a list of up to 4 non-empty strings", "stop")
+        return sampling
+
+    # ------------------------------------------------------------------ model calls
+    def _set_k(self, k: int) -> None:
+        if self.model.moe_layers():
+            self.model.set_top_k(k)
+
+    @torch.no_grad()
+    def prefill(self, seq: Sequence, k: int) -> None:
+        """Run the prompt (in segments, with memory): the memory and next-token logits."""
+        self._set_k(k)
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
+        mems: list[Tensor] = []
+        hidden = None
+        for start in range(0, len(ids), self.segment):
+            chunk = ids[start : start + self.segment, None]
+            hidden, mems, _, _ = self.model.body(chunk, mems)
+        seq.mems = mems
+        seq.logits = self.model.crit.log_prob(hidden[-1]).float()[0]
+
+    @torch.no_grad()
+    def step(self, seqs: list[Sequence], k: int) -> None:
+        """One generation step for every sequence (their last sampled token in, new logits out);
+        sequences with the same memory length run as one batch."""
+        self._set_k(k)
+        groups: dict[int, list[Sequence]] = {}
+        for seq in seqs:
+            groups.setdefault(seq.mem_rows, []).append(seq)
+        for group in groups.values():
+            last = torch.tensor([[s.out_ids[-1] for s in group]], device=self.device)
+            mems = [torch.cat([s.mems[i] for s in group], 1) for i in range(len(group[0].mems))]
+            hidden, new_mems, _, _ = self.model.body(last, mems)
+            log_probs = self.model.crit.log_prob(hidden[-1]).float()
+            for j, s in enumerate(group):
+                s.mems = [m[:, j : j + 1] for m in new_mems]
+                s.logits = log_probs[j]
+
+    def sample(self, seq: Sequence) -> None:
+        """Draw the next token of `seq` and end it at max_tokens or a stop string."""
+        token = sample_next(seq.logits, seq.sampling, seq.generator)
+        seq.out_ids.append(token)
+        before = len(seq.text)
+        seq.text = self.vocab.decode(seq.out_ids)
+        for stop in seq.sampling.stop:
+            at = seq.text.find(stop)
+            if at >= 0:
+                seq.text = seq.text[:at]
+                seq.finish_reason = "stop"
+                break
+        if seq.finish_reason is None and len(seq.out_ids) >= seq.sampling.max_tokens:
+            seq.finish_reason = "length"
+        if seq.on_token is not None and len(seq.text) > before:
+            seq.on_token(seq.text[before:])
+
+    def new_sequence(self, prompt: str, sampling: Sampling) -> Sequence:
+        ids = self.encode(prompt)
+        sampling = self.check_sampling(sampling)
+        gen = torch.Generator()
+        gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        return Sequence(ids, sampling, gen)
+
+    def generate_batch(self, seqs: list[Sequence], k: int) -> None:
+        """Generate every sequence to its end at k, the steps of all of them batched together."""
+        for seq in seqs:
+            self.prefill(seq, k)
+            self.sample(seq)
+        active = [s for s in seqs if not s.done]
+        while active:
+            self.step(active, k)
+            for seq in active:
+                self.sample(seq)
+            active = [s for s in active if not s.done]
+
+    @torch.no_grad()
+    def score(self, text: str, k: int) -> dict[str, float | int | list[float]]:
+        """Per-token loss (nats) of `text` after its first token, with memory, at k."""
+        ids = self.encode(text, "text")
+        if len(ids) < 2:
+            raise BadRequest("text needs at least two tokens to score", "text")
+        self._set_k(k)
+        data = torch.tensor(ids, dtype=torch.long, device=self.device)
+        losses: list[Tensor] = []
+        mems: list[Tensor] = []
+        for start in range(0, len(ids) - 1, self.segment):
+            inp = data[start : start + self.segment, None]
+            target = data[start + 1 : start + 1 + len(inp), None]
+            inp = inp[: len(target)]
+            out = self.model(inp, target, mems)
+            mems = out.mems
+            losses.append(out.nll.float().reshape(-1))
+        nll = torch.cat(losses)
+        mean = float(nll.double().mean())
+        result: dict[str, float | int | list[float]] = {
+            "tokens": int(nll.numel()),
+            "loss": mean,
+            "token_losses": [round(float(v), 6) for v in nll],
+            "k": k,
+        }
+        if self.kind == "char":
+            result["bpc"] = mean / math.log(2)
+        else:
+            result["perplexity"] = math.exp(min(mean, 700.0))
+        return result
+
+
+def generate(
+    engine: Engine,
+    prompt: str,
+    *,
+    k: int,
+    max_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: list[str] | None = None,
+) -> str:
+    """The model's own sampling of one prompt at k (what the server answers at a pinned k)."""
+    engine.check_k(k)
+    seq = engine.new_sequence(prompt, Sampling(max_tokens, temperature, top_p, stop or [], seed))
+    engine.generate_batch([seq], k)
+    return seq.text

@@ -1,0 +1,339 @@
+"""`hyperrouter serve`: the real server (uvicorn on a free loopback port, no mocks), every
+endpoint, streaming, bad input, batching, the openai client, policies and their simulator."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from hyperrouter.cli import main  # noqa: E402
+from hyperrouter.serve.engine import Engine, generate  # noqa: E402
+from hyperrouter.serve.policies import (  # noqa: E402
+    LearnedPolicy,
+    Profile,
+    QueueState,
+    RulePolicy,
+    StaticPolicy,
+    simulate,
+    train_learned,
+)
+from hyperrouter.train.evaluate import load_trained  # noqa: E402
+
+TINY = ["model.n_layer=2", "model.d_model=16", "model.n_head=2", "model.d_head=8"]
+TINY += ["model.d_inner=32", "moe.num_experts=4", "moe.d_expert=8", "train.steps=3"]
+TINY += ["train.top_k_min=1", "train.top_k_max=4", "eval.top_ks=[1,2,4]", "eval.batch_size=2"]
+TINY += ["eval.tgt_len=8", "train.tgt_len=8", "train.mem_len=8", "train.batch_size=2"]
+TINY += ["train.eval_interval=3", "eval.max_valid_batches=2"]
+PROMPT = "ROMEO: the king"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve") / "run"
+    args = ["train", "--config", "quick", "--out", str(out), "--no-progress"]
+    for setting in TINY:
+        args += ["--set", setting]
+    assert main(args) == 0
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A uvicorn server in a thread, on a free loopback port."""
+
+    def __init__(self, run_dir: Path, policy=None, **options) -> None:
+        import uvicorn
+
+        from hyperrouter.serve.app import Server, create_app
+
+        engine = Engine(load_trained(run_dir), max_prompt=200, max_tokens_limit=64)
+        self.server = Server(engine, policy or StaticPolicy(4), **options)
+        self.port = free_port()
+        config = uvicorn.Config(
+            create_app(self.server), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.uvicorn.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    running = Running(run_dir, max_batch=8, max_wait_ms=150.0)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir) -> Engine:
+    """A second engine on the same run (the server's own runs in its worker thread)."""
+    return Engine(load_trained(run_dir), max_prompt=200, max_tokens_limit=64)
+
+
+def post(url: str, path: str, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url + path, content=content, timeout=60, **kw)
+
+
+def test_health_and_metrics(served) -> None:
+    health = httpx.get(served.url + "/health").json()
+    assert health["status"] == "ok" and health["experts"] == 4 and health["policy"] == "static"
+    r = post(served.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "seed": 1})
+    assert r.status_code == 200, r.text
+    text = httpx.get(served.url + "/metrics").text
+    for name in (
+        "hyperrouter_requests_total",
+        "hyperrouter_request_latency_seconds_bucket",
+        "hyperrouter_queue_length",
+        "hyperrouter_requests_by_k_total",
+        "hyperrouter_deadline_misses_total",
+    ):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_pinned_k_equals_the_models_own_sampling(served, reference, k) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 12, "seed": 7, "temperature": 0.8, "k": k}
+    answer = post(served.url, "/v1/completions", body).json()
+    assert answer["object"] == "text_completion" and answer["k"] == k
+    choice = answer["choices"][0]
+    want = generate(reference, PROMPT, k=k, max_tokens=12, temperature=0.8, seed=7)
+    assert choice["text"] == want and choice["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 12
+    assert answer["usage"]["prompt_tokens"] == len(PROMPT)
+
+
+def test_score_equals_the_engine_and_eval_loss(served, reference) -> None:
+    text = "ROMEO: what light through yonder window breaks"
+    got = post(served.url, "/v1/score", {"text": text, "k": 2}).json()
+    want = reference.score(text, 2)
+    assert got["k"] == 2 and got["tokens"] == len(text) - 1
+    assert got["bpc"] == pytest.approx(want["bpc"], rel=1e-6)
+    assert len(got["token_losses"]) == got["tokens"]
+
+
+def test_streaming_gives_the_same_text(served, reference) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 10, "seed": 3, "k": 2, "stream": True}
+    chunks, done = [], False
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                done = True
+                break
+            chunks.append(json.loads(data))
+    assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["k"] == 2
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == generate(reference, PROMPT, k=2, max_tokens=10, seed=3)
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(served, reference) -> None:
+    before = served.server.metrics.batches._value.get()
+    bodies = [{"prompt": PROMPT[: 5 + i], "max_tokens": 8, "seed": i, "k": 2} for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda b: post(served.url, "/v1/completions", b).json(), bodies))
+    batches = served.server.metrics.batches._value.get() - before
+    assert batches < len(bodies), "the six requests should share batches"
+    for body, answer in zip(bodies, answers):
+        want = generate(reference, body["prompt"], k=2, max_tokens=8, seed=body["seed"])
+        assert answer["choices"][0]["text"] == want
+
+
+BAD = [
+    (b"{not json", None, "not valid JSON"),
+    (b"[1, 2]", None, "JSON object"),
+    ({"max_tokens": 3}, "prompt", "prompt is required"),
+    ({"prompt": 5}, "prompt", "prompt must be a string"),
+    ({"prompt": ""}, "prompt", "prompt is empty"),
+    ({"prompt": "x" * 201}, "prompt", "more than the limit of 200"),
+    ({"prompt": "caf\u00e9 \u2603"}, "prompt", "outside the model's vocabulary"),
+    ({"prompt": PROMPT, "k": 5}, "k", "k must be in [1, 4]"),
+    ({"prompt": PROMPT, "k": "two"}, "k", "k must be an integer"),
+    ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens", "max_tokens must be an integer in"),
+    ({"prompt": PROMPT, "max_tokens": 65}, "max_tokens", "max_tokens must be an integer in"),
+    ({"prompt": PROMPT, "max_tokens": "3"}, "max_tokens", "max_tokens must be an integer in"),
+    ({"prompt": PROMPT, "temperature": -1}, "temperature", "temperature must be"),
+    ({"prompt": PROMPT, "top_p": 0}, "top_p", "top_p must be"),
+    ({"prompt": PROMPT, "stop": 3}, "stop", "stop must be"),
+    ({"prompt": PROMPT, "seed": -2}, "seed", "seed must be"),
+    ({"prompt": PROMPT, "stream": "yes"}, "stream", "stream must be"),
+    ({"prompt": PROMPT, "n": 2}, "n", "only n = 1"),
+]
+
+
+@pytest.mark.parametrize("body,param,needle", BAD)
+def test_bad_input_is_a_400_naming_the_field(served, body, param, needle) -> None:
+    r = post(served.url, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert httpx.get(served.url + "/health").status_code == 200  # still answering
+
+
+def test_bad_score_and_unknown_routes(served) -> None:
+    r = post(served.url, "/v1/score", {"text": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text"
+    r = post(served.url, "/v1/score", {"text": PROMPT, "k": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "k"
+    r = httpx.get(served.url + "/v1/nothing")
+    assert r.status_code == 404 and "no such endpoint" in r.json()["error"]["message"]
+    r = httpx.get(served.url + "/v1/completions")
+    assert r.status_code == 405
+
+
+def test_a_client_that_disconnects_mid_stream(served) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 60, "seed": 1, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first token
+    answer = post(served.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "seed": 2})
+    assert answer.status_code == 200
+
+
+def test_the_official_openai_client(served, reference) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+    answer = client.completions.create(
+        model="hyperrouter",
+        prompt=PROMPT,
+        max_tokens=6,
+        seed=11,
+        temperature=0.5,
+        extra_body={"k": 1},
+    )
+    assert answer.choices[0].text == generate(
+        reference, PROMPT, k=1, max_tokens=6, temperature=0.5, seed=11
+    )
+    stream = client.completions.create(
+        model="hyperrouter",
+        prompt=PROMPT,
+        max_tokens=6,
+        seed=11,
+        temperature=0.5,
+        extra_body={"k": 1},
+        stream=True,
+    )
+    assert "".join(c.choices[0].text for c in stream) == answer.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=0)
+    assert "max_tokens" in str(err.value)
+
+
+def test_a_burst_above_the_queue_limit_gets_429_and_shutdown_finishes_in_flight(run_dir) -> None:
+    running = Running(run_dir, max_batch=1, max_wait_ms=0.0, max_queue=1)
+    try:
+        body = {"prompt": PROMPT, "max_tokens": 64, "seed": 0}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(running.url, "/v1/completions", body), range(8)))
+        codes = sorted(r.status_code for r in answers)
+        assert 429 in codes and 200 in codes, codes
+        busy = next(r for r in answers if r.status_code == 429)
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["type"] == "rate_limit"
+        # graceful shutdown: a request in flight when the server is told to stop still answers
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(post, running.url, "/v1/completions", body)
+            time.sleep(0.3)
+            running.uvicorn.should_exit = True
+            assert pending.result().status_code == 200
+    finally:
+        running.stop()
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def profile() -> Profile:
+    # k = 4 is slow (100 ms a batch), k = 1 fast (20 ms); quality rises with k
+    return Profile(
+        [1, 2, 4],
+        [1, 4, 8],
+        {"1": [10.0, 15.0, 20.0], "2": [20.0, 30.0, 40.0], "4": [50.0, 75.0, 100.0]},
+        {"1": 0.10, "2": 0.14, "4": 0.15},
+    )
+
+
+def test_rule_policy_drops_k_as_the_queue_grows() -> None:
+    rule = RulePolicy(profile(), deadline_ms=200.0, max_batch=8)
+    assert rule.choose(QueueState(1, 0.0)) == 4
+    assert rule.choose(QueueState(8, 100.0)) == 2  # 100 + 100 > 180; 100 + 40 fits
+    assert rule.choose(QueueState(40, 150.0)) == 1
+
+
+def test_simulator_and_learned_policy() -> None:
+    p = profile()
+    light = simulate(StaticPolicy(4), p, rate=5, duration_s=60, deadline_ms=200, max_batch=8)
+    assert light.miss_rate < 0.01 and light.mean_k == 4
+    # static k = 4 serves at most 80 requests/s with full batches: at 200/s it falls behind
+    heavy = {
+        k: simulate(StaticPolicy(k), p, rate=200, duration_s=20, deadline_ms=200, max_batch=8)
+        for k in (1, 2, 4)
+    }
+    assert heavy[4].miss_rate > 0.5 and heavy[1].miss_rate < 0.05
+    learned = train_learned(
+        p, deadline_ms=200, max_batch=8, rates=[5, 50, 200, 400], episodes=150, duration_s=10
+    )
+    assert isinstance(learned, LearnedPolicy)
+    for rate in (5, 200):
+        got = simulate(learned, p, rate=rate, duration_s=20, deadline_ms=200, max_batch=8)
+        best = max(
+            simulate(
+                StaticPolicy(k), p, rate=rate, duration_s=20, deadline_ms=200, max_batch=8
+            ).mean_utility
+            for k in (1, 2, 4)
+        )
+        assert got.mean_utility >= 0.95 * best, (rate, got.mean_utility, best)
+
+
+def test_train_policy_command_and_serving_with_it(run_dir, capsys) -> None:
+    args = ["serve", "train-policy", str(run_dir), "--max-batch", "2", "--max-tokens", "2"]
+    args += ["--prompt-tokens", "8", "--episodes", "20", "--repeats", "1", "--deadline-ms", "500"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "learned" in text and "static k=4" in text
+    data = json.loads((run_dir / "serve" / "policy.json").read_text())
+    assert data["version"] == 1 and data["policy"]["kind"] == "learned"
+    assert sorted(data["profile"]["batch_ms"]) == ["1", "2", "4"]
+    from hyperrouter.serve.policies import build_policy
+
+    policy_file = run_dir / "serve" / "policy.json"
+    for kind in ("rule", "learned"):
+        policy = build_policy(
+            kind, k=None, num_experts=4, deadline_ms=500, max_batch=2, policy_file=policy_file
+        )
+        assert policy.choose(QueueState(1, 0.0)) in (1, 2, 4)
+    assert main(["serve", str(run_dir), "--policy", "learned", "--deadline-ms", "100"]) == 2
+    assert "trained for --deadline-ms 500" in capsys.readouterr().err
+    assert main(["serve", str(run_dir), "--policy", "magic"]) == 2
+    assert "unknown --policy" in capsys.readouterr().err
