@@ -337,3 +337,26 @@ def test_train_policy_command_and_serving_with_it(run_dir, capsys) -> None:
     assert "trained for --deadline-ms 500" in capsys.readouterr().err
     assert main(["serve", str(run_dir), "--policy", "magic"]) == 2
     assert "unknown --policy" in capsys.readouterr().err
+
+
+def test_bench_serve_command(run_dir, capsys, tmp_path) -> None:
+    if not (run_dir / "serve" / "policy.json").is_file():
+        test_train_policy_command_and_serving_with_it(run_dir, capsys)
+    out = tmp_path / "bench.json"
+    args = ["bench", "serve", str(run_dir), "--policies", "static:4,rule", "--rates", "5,40"]
+    args += ["--duration", "1", "--deadline-ms", "500", "--max-batch", "2", "--json", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "goodput" in text and "rule" in text
+    data = json.loads(out.read_text())
+    records = data["records"]
+    assert {(r["policy"], r["rate"]) for r in records} == {
+        (p, r) for p in ("static:4", "rule") for r in (5.0, 40.0)
+    }
+    for r in records:
+        assert r["requests"] > 0 and r["failed"] == 0
+        assert 0 <= r["miss_rate"] <= 1 and r["mean_utility"] <= r["mean_quality"] + 1e-12
+    static = [r for r in records if r["policy"] == "static:4"]
+    assert all(r["mean_k"] == 4 for r in static if r["in_time"])
+    assert main([*args[:3], "--policies", "static"]) == 2
+    assert "bad --policies entry" in capsys.readouterr().err

@@ -137,6 +137,34 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     layer.set_defaults(handler=_bench_layer)
 
+    serve = what.add_parser(
+        "serve",
+        help="load-test hyperrouter serve: goodput, latency, k and utility per policy and rate",
+        description="Starts the server on a free loopback port for each policy and sends "
+        "open-loop Poisson (or bursty) traffic at each rate for a bounded time (127.0.0.1 only; "
+        "it stops by itself). Writes JSON and a plot (goodput, quality, utility against rate).",
+    )
+    serve.add_argument("run", metavar="RUN_DIR")
+    serve.add_argument(
+        "--policies",
+        type=_str_list,
+        default=("static:1", "rule", "learned"),
+        help="static:K, rule, learned (default static:1,rule,learned plus static at every "
+        "k of the policy file's profile)",
+    )
+    serve.add_argument("--rates", type=_float_list, help="requests/s (default: from the profile)")
+    serve.add_argument("--duration", type=float, default=10.0, help="seconds per rate (10)")
+    serve.add_argument("--pattern", choices=("poisson", "bursty"), default="poisson")
+    serve.add_argument("--deadline-ms", type=float, default=1000.0)
+    serve.add_argument("--max-batch", type=int, default=8)
+    serve.add_argument("--max-wait-ms", type=float, default=5.0)
+    serve.add_argument("--max-queue", type=int, default=64)
+    serve.add_argument("--max-tokens", type=int, help="default: the profile's")
+    serve.add_argument("--prompt-tokens", type=int, help="default: the profile's")
+    serve.add_argument("--policy-file", metavar="PATH", help="default RUN_DIR/serve/policy.json")
+    serve.add_argument("--json", metavar="PATH", help="default RUN_DIR/serve/bench.json")
+    serve.set_defaults(handler=_bench_serve)
+
     model = what.add_parser(
         "model",
         help="time a whole model at every k against its multiply-add count and dense twin",
@@ -222,6 +250,113 @@ def _bench_model(args: argparse.Namespace) -> int:
         bench_model.write_json(records, args.json)
         print(f"wrote {len(records)} records to {args.json}")
     return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    try:
+        from hyperrouter.serve.app import Server, create_app
+    except ImportError as err:
+        raise HyperRouterError(
+            f"bench serve needs the serve extra ({err.name} is missing): "
+            f"bash scripts/setup.sh serve"
+        ) from None
+    from hyperrouter.serve import loadtest
+    from hyperrouter.serve.engine import Engine
+    from hyperrouter.serve.policies import build_policy, load_policy_file
+    from hyperrouter.train.evaluate import load_trained
+
+    if args.duration <= 0 or args.duration > 600:
+        raise HyperRouterError(f"--duration must be in (0, 600] seconds, got {args.duration}")
+    run_dir = _run_dir_of(args.run)
+    policy_file = Path(args.policy_file) if args.policy_file else run_dir / "serve" / "policy.json"
+    _, profile = load_policy_file(policy_file)
+    specs = list(args.policies)
+    if not args.policies or tuple(args.policies) == ("static:1", "rule", "learned"):
+        specs = [f"static:{k}" for k in profile.ks] + ["rule", "learned"]
+    parsed = loadtest.parse_policies(specs)
+    json_path = Path(args.json) if args.json else run_dir / "serve" / "bench.json"
+    check_writable(json_path, "--json", folder=False)
+    run = load_trained(args.run)
+    engine = Engine(run, max_tokens_limit=max(512, args.max_tokens or 0))
+    policies = {
+        label: build_policy(
+            kind,
+            k=k,
+            num_experts=engine.num_experts,
+            deadline_ms=args.deadline_ms,
+            max_batch=args.max_batch,
+            policy_file=policy_file,
+        )
+        for label, kind, k in parsed
+    }
+    max_tokens = args.max_tokens or profile.max_tokens
+    prompt_tokens = args.prompt_tokens or profile.prompt_tokens
+    full = profile.service_ms(max(profile.ks), args.max_batch)
+    capacity = 1000.0 * args.max_batch / full
+    rates = (
+        list(args.rates) if args.rates else [round(capacity * f, 2) for f in (0.5, 1.0, 2.0, 4.0)]
+    )
+    gen = torch.Generator().manual_seed(0)
+    symbols = [i for i in range(len(engine.vocab)) if i != engine.vocab.unk_id]
+    prompts = [
+        engine.vocab.decode(
+            symbols[int(i)] for i in torch.randint(len(symbols), (prompt_tokens,), generator=gen)
+        )
+        for _ in range(16)
+    ]
+    prompts = [p for p in prompts if _encodable(engine, p)] or ["the "]
+
+    def app_factory(policy):
+        server = Server(
+            engine,
+            policy,
+            deadline_ms=args.deadline_ms,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue,
+        )
+        return create_app(server)
+
+    print(f"load test of {run_dir}: rates {rates} requests/s, {args.duration:g} s each")
+    records = loadtest.run_load(
+        app_factory,
+        policies,
+        rates=rates,
+        duration_s=args.duration,
+        deadline_ms=args.deadline_ms,
+        pattern=args.pattern,
+        prompts=prompts,
+        max_tokens=max_tokens,
+        quality=profile.quality,
+        progress=sys.stderr.isatty(),
+    )
+    from hyperrouter.bench import machine_description
+
+    print(f"# {machine_description()}")
+    print(loadtest.format_records(records))
+    meta = {
+        "run": str(run_dir),
+        "machine": machine_description(),
+        "deadline_ms": args.deadline_ms,
+        "max_batch": args.max_batch,
+        "duration_s": args.duration,
+        "pattern": args.pattern,
+        "max_tokens": max_tokens,
+        "prompt_tokens": prompt_tokens,
+    }
+    png = loadtest.write_outputs(records, meta, json_path)
+    print(f"wrote {json_path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def _encodable(engine, text: str) -> bool:
+    try:
+        engine.encode(text)
+    except HyperRouterError:
+        return False
+    return True
 
 
 def _bench_layer(args: argparse.Namespace) -> int:
