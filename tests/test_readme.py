@@ -39,6 +39,11 @@ TINY = {
     "train": [*SMALL_RUN, "--no-progress"],
     "compare": ["--seeds", "1", *SMALL_RUN, "--no-progress"],
     "eval": ["--no-progress"],
+    "serve train-policy": [
+        *("--max-batch", "2", "--max-tokens", "2", "--prompt-tokens", "8", "--episodes", "10"),
+        *("--repeats", "1"),
+    ],
+    "bench serve": [*("--policies", "static:1,learned", "--rates", "5", "--duration", "1")],
     "adaptive": [
         *("--max-batches", "2", "--top-p", "0.5", "--ratio", "0.2", "--tolerance", "0.05"),
         *("--escalate", "0.5", "--no-progress"),
@@ -112,6 +117,8 @@ def tiny(words: list[str]) -> list[str] | None:
     if args is not None:
         if args[:2] == ["data", "get"] and "--from" not in args:
             return None  # needs the network
+        if args[:1] == ["serve"] and args[1:2] != ["train-policy"]:
+            return None  # a server runs until stopped (tests/test_serve.py starts it for real)
         if LISTING & set(args):
             return words
         key = " ".join(args[:2]) if " ".join(args[:2]) in TINY else args[0]

@@ -698,10 +698,14 @@ def _adaptive(args: argparse.Namespace) -> int:
     ks = sorted(set(ks))
     if args.k_max is not None and not 1 <= args.k_max <= experts:
         raise HyperRouterError(f"--k-max must be in [1, {experts}], got {args.k_max}")
-    cascade = tuple(args.cascade) if args.cascade else (ks[0], ks[-1])
+    if args.cascade:
+        cascade = tuple(args.cascade)
+    else:  # the smallest and largest static k (1 and E when there is a single one)
+        cascade = (ks[0], ks[-1]) if ks[0] < ks[-1] else (1, experts)
     if len(cascade) != 2 or not 1 <= cascade[0] < cascade[1] <= experts:
+        shown = ",".join(str(k) for k in cascade)
         raise HyperRouterError(
-            f"--cascade needs two k, SMALL < LARGE in [1, {experts}], got {args.cascade}"
+            f"--cascade needs two k, SMALL < LARGE in [1, {experts}], got {shown}"
         )
     corpus = load_matching_corpus(run, args.data)
     spec = SweepSpec(

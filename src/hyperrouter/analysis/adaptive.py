@@ -550,7 +550,7 @@ def _per_input(
     bar,
 ) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    macs_k = {k: sum(macs_per_token(model, shape, k).values()) for k in ks}
+    macs_k = {k: sum(macs_per_token(model, shape, k).values()) for k in {*ks, *spec.cascade_ks}}
     ms_k = {
         k: 1e6 * r.seconds / (float(r.tokens.sum()) * shape.batch) for k, r in static_runs.items()
     }
@@ -583,7 +583,7 @@ def _per_input(
     valid_runs = {}
     if needs_valid:
         small, large = spec.cascade_ks
-        wanted = set(ks) if "predictor" in spec.per_input else {small}
+        wanted = (set(ks) if "predictor" in spec.per_input else set()) | {small}
         for k in sorted(wanted):
             bar.set_postfix_str(f"validation k={k}")
             valid_runs[k] = run_pass(
