@@ -37,13 +37,17 @@ def _counted(model: TransformerXL) -> dict[str, float]:
         mems = [m[-MLEN:] for m in model(data, target, mems).mems]
         with FlopCounterMode(display=False) as counter:
             model(data, target, mems)
-    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    by_op = counter.get_flop_counts()
+    flops = {name: sum(ops.values()) for name, ops in by_op.items()}
     tokens = QLEN * BATCH
     got = dict.fromkeys(("attention_projections", "attention_scores", "experts"), 0.0)
     got |= {"router": 0.0, "dense_ffn": 0.0}
     for i, layer in enumerate(model.layers):
         base = f"TransformerXL.layers.{i}"
-        nets = sum(flops.get(f"{base}.attn.{n}", 0) for n in ("qkv_net", "r_net", "o_net"))
+        # the projections are the attention's 2-D products (mm, addmm; qkv_net's weight is used
+        # through F.linear, so by the attention module itself), the scores its batched ones
+        ops = by_op[f"{base}.attn"]
+        nets = sum(v for op, v in ops.items() if str(op).split(".")[-1] in ("mm", "addmm"))
         got["attention_projections"] += nets
         got["attention_scores"] += flops[f"{base}.attn"] - nets
         if layer.ff.moe is None:

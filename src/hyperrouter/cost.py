@@ -3,10 +3,10 @@
 For an evaluation segment of `qlen` tokens per column with `mlen` tokens of memory (klen = mlen +
 qlen keys), `batch` columns and k experts per token, per target token:
 
-    attention projections  L (3 d H Dh klen / qlen + H Dh d) + d H Dh klen / (qlen batch)
-                           (q, k, v of every key row, memory included, as the model computes them;
-                           the output projection; the positional projection r_net of the klen
-                           relative positions, once per segment)
+    attention projections  L (2 d H Dh klen / qlen + 2 d H Dh) + d H Dh klen / (qlen batch)
+                           (k and v of every key row, memory included; q of the segment's own
+                           rows only; the output projection; the positional projection r_net of
+                           the klen relative positions, once per segment)
     attention scores       L 3 H Dh klen      (q.k, q.r, and prob.v: the relative-position term
                                               costs as much as the content term)
     experts                per MoE layer: k (d h g + h d) (g = 2 for SwiGLU's gate and up
@@ -116,7 +116,8 @@ def macs_per_token(
     moe_index = 0
     for layer in model.layers:
         out["attention_projections"] += (
-            3 * d * heads * d_head * klen / shape.qlen
+            2 * d * heads * d_head * klen / shape.qlen
+            + d * heads * d_head
             + heads * d_head * d
             + d * heads * d_head * klen / (shape.qlen * shape.batch)
         )

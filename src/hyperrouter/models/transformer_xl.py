@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
@@ -175,10 +176,15 @@ class RelPartialLearnableAttention(nn.Module):
         n_head, d_head = self.n_head, self.d_head
         cat = w if mems is None or mems.numel() == 0 else torch.cat([mems, w], 0)
         klen = cat.shape[0]
-        heads = self.qkv_net(cat).view(klen, bsz, 3, n_head, d_head)
-        q_BHQD = heads[-qlen:, :, 0].permute(1, 2, 0, 3)
-        k_BHKD = heads[:, :, 1].permute(1, 2, 0, 3)
-        v_BHKD = heads[:, :, 2].permute(1, 2, 0, 3)
+        # q only for the current segment (memory rows are keys and values, never queries): the
+        # q rows and the k, v rows of qkv_net's weight as views, the parameters unchanged
+        width = n_head * d_head
+        weight = self.qkv_net.weight
+        q = F.linear(w, weight[:width]).view(qlen, bsz, n_head, d_head)
+        kv = F.linear(cat, weight[width:]).view(klen, bsz, 2, n_head, d_head)
+        q_BHQD = q.permute(1, 2, 0, 3)
+        k_BHKD = kv[:, :, 0].permute(1, 2, 0, 3)
+        v_BHKD = kv[:, :, 1].permute(1, 2, 0, 3)
         r_HDR = self.r_net(r).view(r.shape[0], n_head, d_head).permute(1, 2, 0)
         ac = torch.matmul(q_BHQD + r_w_bias[:, None, :], k_BHKD.transpose(-1, -2))
         bd = self._rel_shift(torch.matmul(q_BHQD + r_r_bias[:, None, :], r_HDR))
