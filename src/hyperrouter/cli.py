@@ -777,8 +777,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--ks", type=_int_list, help="k values to choose from (default eval.top_ks)")
     group.add_argument("--prompt-tokens", type=int, default=64, help="profiled prompt (64)")
     group.add_argument("--max-tokens", type=int, default=32, help="profiled answer length (32)")
-    group.add_argument("--episodes", type=int, default=400, help="Q-learning episodes (400)")
-    group.add_argument("--repeats", type=int, default=3, help="profile repeats (3)")
+    group.add_argument("--episodes", type=int, default=2000, help="Q-learning episodes (2000)")
+    group.add_argument("--repeats", type=int, default=5, help="profile repeats (5)")
     p.set_defaults(handler=_serve)
 
 

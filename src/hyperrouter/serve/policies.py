@@ -258,7 +258,7 @@ def train_learned(
     deadline_ms: float,
     max_batch: int,
     rates: list[float],
-    episodes: int = 400,
+    episodes: int = 2000,
     duration_s: float = 30.0,
     seed: int = 0,
 ) -> LearnedPolicy:

@@ -121,11 +121,13 @@ def train_policy(
     full = profile.service_ms(max(ks), max_batch)
     capacity = 1000.0 * max_batch / full  # requests/s static k = E sustains with full batches
     rates = [round(capacity * f, 3) for f in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)]
+    # learned where a choice matters: up to twice what k = E sustains (beyond, every k drowns)
+    train_rates = [round(capacity * f, 3) for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)]
     learned = train_learned(
         profile,
         deadline_ms=deadline_ms,
         max_batch=max_batch,
-        rates=rates,
+        rates=train_rates,
         episodes=episodes,
         seed=seed,
     )
