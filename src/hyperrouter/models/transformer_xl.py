@@ -85,9 +85,13 @@ class LMOutput:
     nll: Tensor | None  # [tgt_len, batch] per-token NLL
     mems: list[Tensor]  # detached memory for the next segment
     aux_loss: Tensor  # sum of the MoE layers' (weighted) auxiliary losses
-    moe_stats: list[RoutingStats]  # one per MoE layer, in layer order
     hidden: Tensor | None = None  # last layer's output [qlen, batch, d_model]
     moe_outputs: list[MoEOutput] = field(default_factory=list)  # per MoE layer: losses, routing
+
+    @property
+    def moe_stats(self) -> list[RoutingStats]:
+        """One per MoE layer, in layer order (computed when first read)."""
+        return [o.stats for o in self.moe_outputs]
 
 
 _COMPILE_STATUS: dict[str, str | None] = {}
@@ -446,13 +450,12 @@ class TransformerXL(nn.Module):
         self, data: Tensor, target: Tensor | None = None, mems: list[Tensor] | None = None
     ) -> LMOutput:
         hidden, new_mems, aux, outs = self.body(data, mems)
-        stats = [o.stats for o in outs]
         if target is None:
-            return LMOutput(None, None, new_mems, aux, stats, hidden, outs)
+            return LMOutput(None, None, new_mems, aux, hidden, outs)
         tgt_len = target.shape[0]
         pred = hidden[-tgt_len:]
         nll = self.crit(pred.reshape(-1, pred.shape[-1]), target.reshape(-1)).view(tgt_len, -1)
-        return LMOutput(nll.mean(), nll, new_mems, aux, stats, None, outs)
+        return LMOutput(nll.mean(), nll, new_mems, aux, None, outs)
 
     def log_probs(self, data: Tensor, mems: list[Tensor] | None = None) -> Tensor:
         """Next-token log-probabilities [qlen, B, n_token] (fp32)."""

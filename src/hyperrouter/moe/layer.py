@@ -61,16 +61,38 @@ class RoutingStats:
     mean_k: Tensor | None = None
 
 
-@dataclass
 class MoEOutput:
     """Everything one MoE call produced: output [..., d_model], this call's auxiliary losses
     (already weighted; empty when the router has none), routing statistics, and the routing the
-    layer really did (`routing.keep` is the final keep mask: the router's and the capacity's)."""
+    layer really did (`routing.keep` is the final keep mask: the router's and the capacity's).
 
-    output: Tensor
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
-    stats: RoutingStats | None = None
-    routing: Routing | None = None
+    The statistics are computed the first time `stats` is read (an evaluation that never reads
+    them does not pay for them: the entropy over all E scores, the bincount)."""
+
+    __slots__ = ("output", "aux_losses", "routing", "_stats", "_make_stats")
+
+    def __init__(
+        self,
+        output: Tensor,
+        aux_losses: dict[str, Tensor] | None = None,
+        stats: RoutingStats | None = None,
+        routing: Routing | None = None,
+        make_stats: Any = None,
+    ) -> None:
+        self.output = output
+        self.aux_losses = {} if aux_losses is None else aux_losses
+        self.routing = routing
+        self._stats = stats
+        self._make_stats = make_stats
+
+    @property
+    def stats(self) -> RoutingStats | None:
+        if self._stats is None and self._make_stats is not None:
+            self._stats, self._make_stats = self._make_stats(), None
+        return self._stats
+
+    def __repr__(self) -> str:
+        return f"MoEOutput(output={tuple(self.output.shape)}, aux_losses={sorted(self.aux_losses)})"
 
 
 class MoE(nn.Module):
@@ -392,15 +414,19 @@ class MoE(nn.Module):
         if not return_details:
             return output
         routing.keep = routed.keep_TK
-        stats = _routing_stats(
-            routing,
-            routed.keep_TK,
-            self.num_experts,
-            routed.backend,
-            k,
-            None if policy_keep is None else int(policy_keep.sum()),
-        )
-        return MoEOutput(output, aux_losses, stats, routing)
+        wanted = None if policy_keep is None else policy_keep.sum()
+
+        def make_stats() -> RoutingStats:
+            return _routing_stats(
+                routing,
+                routed.keep_TK,
+                self.num_experts,
+                routed.backend,
+                k,
+                None if wanted is None else int(wanted),
+            )
+
+        return MoEOutput(output, aux_losses, routing=routing, make_stats=make_stats)
 
     def _real_tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """x as [T, d_model] rows without the padding `mask` excludes, and the kept rows' indices
