@@ -360,3 +360,11 @@ def test_bench_serve_command(run_dir, capsys, tmp_path) -> None:
     assert all(r["mean_k"] == 4 for r in static if r["in_time"])
     assert main([*args[:3], "--policies", "static"]) == 2
     assert "bad --policies entry" in capsys.readouterr().err
+    # default rates: around the closed-loop capacity the real server sustains at k = E
+    out2 = tmp_path / "bench2.json"
+    args2 = ["bench", "serve", str(run_dir), "--policies", "static:4", "--duration", "0.5"]
+    assert main([*args2, "--max-batch", "2", "--json", str(out2)]) == 0
+    text = capsys.readouterr().out
+    assert "closed-loop capacity at k = 4" in text
+    rates = [r["rate"] for r in json.loads(out2.read_text())["records"]]
+    assert len(rates) == 5 and rates == sorted(rates) and rates[0] > 0

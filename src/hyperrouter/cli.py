@@ -152,7 +152,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="static:K, rule, learned (default static:1,rule,learned plus static at every "
         "k of the policy file's profile)",
     )
-    serve.add_argument("--rates", type=_float_list, help="requests/s (default: from the profile)")
+    serve.add_argument(
+        "--rates",
+        type=_float_list,
+        help="requests/s (default: 0.5, 1, 1.5, 2, 3 x the closed-loop capacity at k = E)",
+    )
     serve.add_argument("--duration", type=float, default=10.0, help="seconds per rate (10)")
     serve.add_argument("--pattern", choices=("poisson", "bursty"), default="poisson")
     serve.add_argument("--deadline-ms", type=float, default=1000.0)
@@ -293,11 +297,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     }
     max_tokens = args.max_tokens or profile.max_tokens
     prompt_tokens = args.prompt_tokens or profile.prompt_tokens
-    full = profile.service_ms(max(profile.ks), args.max_batch)
-    capacity = 1000.0 * args.max_batch / full
-    rates = (
-        list(args.rates) if args.rates else [round(capacity * f, 2) for f in (0.5, 1.0, 2.0, 4.0)]
-    )
+    rates = list(args.rates) if args.rates else None
     gen = torch.Generator().manual_seed(0)
     symbols = [i for i in range(len(engine.vocab)) if i != engine.vocab.unk_id]
     prompts = [
@@ -319,6 +319,27 @@ def _bench_serve(args: argparse.Namespace) -> int:
         )
         return create_app(server)
 
+    if rates is None:  # around what the real server sustains at k = E, closed loop
+        server = loadtest.LocalServer(
+            app_factory(
+                build_policy(
+                    "static",
+                    k=None,
+                    num_experts=engine.num_experts,
+                    deadline_ms=args.deadline_ms,
+                    max_batch=args.max_batch,
+                    policy_file=None,
+                )
+            )
+        )
+        try:
+            capacity = loadtest.closed_loop_capacity(
+                server.url, args.max_batch, min(10.0, args.duration), prompts, max_tokens
+            )
+        finally:
+            server.stop()
+        print(f"closed-loop capacity at k = {engine.num_experts}: {capacity:.2f} requests/s")
+        rates = [round(capacity * f, 2) for f in (0.5, 1.0, 1.5, 2.0, 3.0)]
     print(f"load test of {run_dir}: rates {rates} requests/s, {args.duration:g} s each")
     records = loadtest.run_load(
         app_factory,

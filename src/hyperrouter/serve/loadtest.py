@@ -109,6 +109,47 @@ async def _drive(
     return results
 
 
+def _drive_sync(*args, **kwargs) -> list[dict[str, Any]]:
+    return asyncio.run(_drive(*args, **kwargs))
+
+
+def drive_in_own_process(*args, **kwargs) -> list[dict[str, Any]]:
+    """The load generator in a process of its own (spawned): its event loop and HTTP parsing do
+    not share the server's GIL or its threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_drive_sync, *args, **kwargs).result()
+
+
+def closed_loop_capacity(url: str, clients: int, seconds: float, prompts, max_tokens: int) -> float:
+    """Requests per second the server answers with `clients` requests always in flight (each
+    client sends its next request when its last is answered)."""
+
+    async def run() -> float:
+        import httpx
+
+        done = 0
+        stop = time.perf_counter() + seconds
+
+        async def client(c: int) -> None:
+            nonlocal done
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                i = 0
+                while time.perf_counter() < stop:
+                    body = {"prompt": prompts[(c + i) % len(prompts)], "max_tokens": max_tokens}
+                    r = await http.post("/v1/completions", json={**body, "seed": i})
+                    done += r.status_code == 200
+                    i += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return done / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
 def run_load(
     app_factory,
     policies: dict[str, Any],
@@ -130,17 +171,15 @@ def run_load(
             for rate in rates:
                 if progress:
                     print(f"  {name} at {rate:g} requests/s ...", flush=True)
-                results = asyncio.run(
-                    _drive(
-                        server.url,
-                        rate,
-                        duration_s,
-                        deadline_ms,
-                        pattern,
-                        prompts,
-                        max_tokens,
-                        seed=int(rate * 1000),
-                    )
+                results = drive_in_own_process(
+                    server.url,
+                    rate,
+                    duration_s,
+                    deadline_ms,
+                    pattern,
+                    prompts,
+                    max_tokens,
+                    seed=int(rate * 1000),
                 )
                 records.append(
                     _summarise(name, pattern, rate, duration_s, deadline_ms, results, quality)
