@@ -180,3 +180,12 @@ def test_model_switch_and_lower_cost_with_lower_p() -> None:
     model.set_token_policy(None)
     assert means[0] <= means[1] <= means[2] == model.num_experts
     assert all(layer.token_policy is None for layer in model.moe_layers())
+
+
+def test_renormalising_keeps_what_the_router_itself_dropped_out() -> None:
+    weights = torch.tensor([[0.6, 0.3, 0.1]])
+    ids = torch.tensor([[0, 1, 2]])
+    router_keep = torch.tensor([[True, False, True]])  # e.g. a capacity drop of slot 1
+    keep, w = apply_policy(TopP(p=1.0), torch.zeros(1, 3), ids, weights, router_keep)
+    assert keep.tolist() == [[True, False, True]]
+    torch.testing.assert_close(w * keep, weights * router_keep)  # p = 1: as the router left it

@@ -185,6 +185,7 @@ BAD = [
     ({"prompt": PROMPT, "top_p": 0}, "top_p", "top_p must be"),
     ({"prompt": PROMPT, "stop": 3}, "stop", "stop must be"),
     ({"prompt": PROMPT, "seed": -2}, "seed", "seed must be"),
+    ({"prompt": PROMPT, "seed": 2**64}, "seed", "seed must be"),
     ({"prompt": PROMPT, "stream": "yes"}, "stream", "stream must be"),
     ({"prompt": PROMPT, "n": 2}, "n", "only n = 1"),
 ]
@@ -368,3 +369,42 @@ def test_bench_serve_command(run_dir, capsys, tmp_path) -> None:
     assert "closed-loop capacity at k = 4" in text
     rates = [r["rate"] for r in json.loads(out2.read_text())["records"]]
     assert len(rates) == 5 and rates == sorted(rates) and rates[0] > 0
+
+
+def test_streams_send_whole_characters_and_never_part_of_a_stop(served, reference) -> None:
+    from hyperrouter.serve.engine import Sampling, Sequence, _complete_utf8
+
+    assert _complete_utf8(b"a\xc3") == 1 and _complete_utf8(b"a\xc3\xa9") == 3
+    assert _complete_utf8(b"\xe2\x98") == 0 and _complete_utf8(b"\xe2\x98\x83") == 3
+    assert _complete_utf8(b"ab") == 2 and _complete_utf8(b"") == 0
+    seq = Sequence([0], Sampling(stop=["ab", "xyz"]), None)
+    seq.out_ids = reference.vocab.encode("hello xy")
+    seq.text = reference.vocab.decode(seq.out_ids)
+    assert reference._settled(seq) == "hello "  # "xy" may still become "xyz"
+    seq.out_ids = reference.vocab.encode("hello a")
+    seq.text = reference.vocab.decode(seq.out_ids)
+    assert reference._settled(seq) == "hello "
+    for seed in range(3):  # whatever is sampled, the stream equals the answer
+        body = {"prompt": PROMPT, "max_tokens": 24, "seed": seed, "stop": ["e ", "th"], "k": 2}
+        whole = post(served.url, "/v1/completions", body).json()["choices"][0]["text"]
+        chunks = []
+        with httpx.stream(
+            "POST", served.url + "/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:])["choices"][0]["text"])
+        assert "".join(chunks) == whole
+
+
+def test_a_policy_file_for_another_model_is_refused(run_dir, capsys) -> None:
+    from hyperrouter.errors import HyperRouterError
+    from hyperrouter.serve.policies import build_policy
+
+    policy_file = run_dir / "serve" / "policy.json"
+    if not policy_file.is_file():
+        test_train_policy_command_and_serving_with_it(run_dir, capsys)
+    with pytest.raises(HyperRouterError, match=r"outside \[1, 2\]"):
+        build_policy(
+            "rule", k=None, num_experts=2, deadline_ms=500, max_batch=2, policy_file=policy_file
+        )

@@ -164,7 +164,8 @@ def apply_policy(
             keep = keep & keep_TK
     if not policy.renormalize:
         return keep, weights_TK
-    total = weights_TK.sum(1, keepdim=True)
+    # the sum the router gave the slots it kept itself (a capacity drop is not the policy's)
+    total = (weights_TK if keep_TK is None else weights_TK * keep_TK).sum(1, keepdim=True)
     kept = (weights_TK * keep).sum(1, keepdim=True)
     scale = torch.where(kept > 0, total / kept.clamp_min(torch.finfo(kept.dtype).tiny), 1.0)
     return keep, weights_TK * scale

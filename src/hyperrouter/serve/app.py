@@ -240,8 +240,10 @@ def _sampling(body: dict[str, Any]) -> Sampling:
     elif not isinstance(stop, list):
         raise BadRequest("stop must be a string or a list of strings", "stop")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise BadRequest("seed must be a non-negative integer", "seed")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
+    ):
+        raise BadRequest("seed must be an integer in [0, 2^63)", "seed")
     return Sampling(
         max_tokens=body.get("max_tokens", 16),
         temperature=body.get("temperature", 1.0),
@@ -341,6 +343,7 @@ def create_app(server: Server):
             return JSONResponse(out)
 
         async def events():
+            getter = None
             try:
                 while True:
                     getter = asyncio.ensure_future(job.stream.get())
@@ -354,7 +357,14 @@ def create_app(server: Server):
                     while not job.stream.empty():
                         text = job.stream.get_nowait()
                         yield f"data: {json.dumps(payload(text, None, None))}\n\n"
-                    done, k_used = job.future.result()
+                    try:
+                        done, k_used = job.future.result()
+                    except Exception as err:  # noqa: BLE001 (the headers are sent: an event)
+                        error = {"message": f"generation failed: {err}", "type": "server_error"}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                        yield "data: [DONE]\n\n"
+                        server.metrics.requests.labels("completions", "500").inc()
+                        return
                     yield f"data: {json.dumps(payload('', done.finish_reason, k_used))}\n\n"
                     yield "data: [DONE]\n\n"
                     server.metrics.requests.labels("completions", "200").inc()
@@ -362,6 +372,11 @@ def create_app(server: Server):
             except BaseException:  # the client went away: stop generating for it
                 seq.finish_reason = seq.finish_reason or "cancelled"
                 raise
+            finally:
+                if getter is not None and not getter.done():
+                    getter.cancel()
+                if job.future.done() and not job.future.cancelled():
+                    job.future.exception()  # retrieved: no "never retrieved" warning
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -60,6 +60,7 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     on_token: Callable[[str], None] | None = None
+    emitted: int = 0  # characters already given to on_token
 
     @property
     def done(self) -> bool:
@@ -68,6 +69,26 @@ class Sequence:
     @property
     def mem_rows(self) -> int:
         return self.mems[0].shape[0] if self.mems else 0
+
+
+def _complete_utf8(data: bytes) -> int:
+    """Length of the longest prefix of `data` that does not end inside a UTF-8 character."""
+    end = len(data)
+    for pos in range(end - 1, max(end - 4, -1), -1):
+        byte = data[pos]
+        if byte & 0xC0 == 0x80:  # a continuation byte: look further back for the lead
+            continue
+        need = (
+            2
+            if byte >> 5 == 0b110
+            else 3
+            if byte >> 4 == 0b1110
+            else 4
+            if byte >> 3 == 0b11110
+            else 1
+        )
+        return pos if end - pos < need else end
+    return end
 
 
 def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator) -> int:
@@ -101,7 +122,9 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.num_experts = self.model.num_experts if self.model.moe_layers() else 1
         self.segment = run.config.train.tgt_len
-        self.mem_len = run.config.train.mem_len
+        # every token sees what the last one of a training segment saw: mem_len + tgt_len - 1
+        # earlier positions (also with mem_len = 0, where a one-token step would see nothing)
+        self.mem_len = run.config.train.mem_len + run.config.train.tgt_len - 1
         self.max_prompt = max_prompt
         self.max_tokens_limit = max_tokens_limit
         self.model.mem_len = self.mem_len
@@ -191,9 +214,9 @@ class Engine:
 
     def sample(self, seq: Sequence) -> None:
         """Draw the next token of `seq` and end it at max_tokens or a stop string."""
-        token = sample_next(seq.logits, seq.sampling, seq.generator)
+        # drawn on the CPU from the request's own CPU generator: the same draws on any device
+        token = sample_next(seq.logits.float().cpu(), seq.sampling, seq.generator)
         seq.out_ids.append(token)
-        before = len(seq.text)
         seq.text = self.vocab.decode(seq.out_ids)
         for stop in seq.sampling.stop:
             at = seq.text.find(stop)
@@ -203,19 +226,43 @@ class Engine:
                 break
         if seq.finish_reason is None and len(seq.out_ids) >= seq.sampling.max_tokens:
             seq.finish_reason = "length"
-        if seq.on_token is not None and len(seq.text) > before:
-            seq.on_token(seq.text[before:])
+        if seq.on_token is not None:
+            visible = seq.text if seq.done else self._settled(seq)
+            if len(visible) > seq.emitted:
+                seq.on_token(visible[seq.emitted :])
+                seq.emitted = len(visible)
+
+    def _settled(self, seq: Sequence) -> str:
+        """The text a stream may send now: complete UTF-8 characters only (a character's first
+        bytes decode to U+FFFD until its last byte arrives), less any ending that may still
+        become a stop string."""
+        text = seq.text
+        if self.kind == "char":
+            data = self.vocab.decode_bytes(seq.out_ids)
+            text = data[: _complete_utf8(data)].decode("utf-8", errors="replace")
+        hold = 0
+        for stop in seq.sampling.stop:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        return text[: len(text) - hold]
 
     def new_sequence(self, prompt: str, sampling: Sampling) -> Sequence:
         ids = self.encode(prompt)
         sampling = self.check_sampling(sampling)
         gen = torch.Generator()
-        gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        if sampling.seed is not None:
+            gen.manual_seed(sampling.seed)
+        else:
+            gen.seed()  # this request's own non-deterministic seed (the global RNG untouched)
         return Sequence(ids, sampling, gen)
 
     def generate_batch(self, seqs: list[Sequence], k: int) -> None:
         """Generate every sequence to its end at k, the steps of all of them batched together."""
         for seq in seqs:
+            if seq.done:  # cancelled while it waited (its client went away)
+                continue
             self.prefill(seq, k)
             self.sample(seq)
         active = [s for s in seqs if not s.done]

@@ -350,6 +350,13 @@ def build_policy(
     if policy_file is None:
         raise HyperRouterError(f"--policy {kind} needs a policy file (train-policy makes one)")
     data, profile = load_policy_file(policy_file)
+    ks = data["policy"].get("ks", profile.ks) if kind == "learned" else profile.ks
+    bad = [k for k in {*profile.ks, *ks} if not 1 <= k <= num_experts]
+    if bad:
+        raise HyperRouterError(
+            f"{policy_file} chooses k = {sorted(bad)}, outside [1, {num_experts}] of this model; "
+            f"run train-policy for this run"
+        )
     if kind == "rule":
         return RulePolicy(profile, deadline_ms, max_batch)
     stored = data["policy"]
