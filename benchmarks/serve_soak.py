@@ -39,11 +39,11 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    from hyperrouter.cli import _run_dir_of
     from hyperrouter.serve import loadtest
     from hyperrouter.serve.app import Server, create_app
     from hyperrouter.serve.engine import Engine
     from hyperrouter.serve.policies import build_policy
+    from hyperrouter.train.checkpoint import run_folder
     from hyperrouter.train.evaluate import load_trained
 
     run = load_trained(args.run)
@@ -54,7 +54,7 @@ def main() -> None:
         num_experts=engine.num_experts,
         deadline_ms=args.deadline_ms,
         max_batch=8,
-        policy_file=_run_dir_of(args.run) / "serve" / "policy.json",
+        policy_file=run_folder(args.run) / "serve" / "policy.json",
     )
     server = loadtest.LocalServer(create_app(Server(engine, policy, deadline_ms=args.deadline_ms)))
     prompts = ["ROMEO: what light through yonder window breaks? " * 2]

@@ -40,3 +40,34 @@ def train_killed_after_checkpoints(config, out: Path, monkeypatch, checkpoints: 
     with pytest.raises(KeyboardInterrupt):
         train_run(config, out, progress=False, log=lambda _: None)
     monkeypatch.undo()
+
+
+# The smallest useful MoE model of the `quick` preset (2 layers, d_model 16, 4 experts), as
+# --set overrides; TINY_RUN adds segments of 8 tokens, k 1..4 evaluated at 1, 2, 4.
+TINY_MOE = [
+    "model.n_layer=2",
+    "model.d_model=16",
+    "model.n_head=2",
+    "model.d_head=8",
+    "model.d_inner=32",
+    "moe.num_experts=4",
+    "moe.d_expert=8",
+    "train.top_k_min=1",
+    "train.top_k_max=4",
+]
+TINY_RUN = [
+    *TINY_MOE,
+    *("eval.top_ks=[1,2,4]", "eval.batch_size=2", "eval.tgt_len=8", "eval.max_valid_batches=2"),
+    *("train.tgt_len=8", "train.mem_len=8", "train.batch_size=2"),
+]
+
+
+def train_tiny_run(out: Path, steps: int) -> Path:
+    """A tiny trained run (TINY_RUN, `steps` steps, evaluated at the end) in `out`."""
+    from hyperrouter.cli import main
+
+    args = ["train", "--config", "quick", "--out", str(out), "--no-progress"]
+    for setting in [*TINY_RUN, f"train.steps={steps}", f"train.eval_interval={steps}"]:
+        args += ["--set", setting]
+    assert main(args) == 0
+    return out

@@ -18,6 +18,7 @@ from hyperrouter.analysis.adaptive import (
 from hyperrouter.cli import main
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.train.config import load_config
+from tests.conftest import TINY_MOE, train_tiny_run
 
 KS = [1, 2, 4]
 
@@ -55,19 +56,8 @@ def tiny():
     config = load_config(
         "quick",
         [
-            "model.n_layer=2",
-            "model.d_model=16",
-            "model.n_head=2",
-            "model.d_head=8",
-            "model.d_inner=32",
-            "moe.num_experts=4",
-            "moe.d_expert=8",
-            "train.top_k_min=1",
-            "train.top_k_max=4",
-            "train.tgt_len=8",
-            "train.mem_len=8",
-            "eval.tgt_len=8",
-            "eval.batch_size=3",
+            *TINY_MOE,
+            *("train.tgt_len=8", "train.mem_len=8", "eval.tgt_len=8", "eval.batch_size=3"),
             "eval.top_ks=[1,2,4]",
         ],
     )
@@ -130,16 +120,7 @@ def test_cascade_escalates_below_the_threshold(tiny) -> None:
 
 
 def test_adaptive_command(tmp_path, capsys) -> None:
-    run = tmp_path / "run"
-    tiny = ["model.n_layer=2", "model.d_model=16", "model.n_head=2", "model.d_head=8"]
-    tiny += ["model.d_inner=32", "moe.num_experts=4", "moe.d_expert=8", "train.steps=4"]
-    tiny += ["train.top_k_min=1", "train.top_k_max=4", "eval.top_ks=[1,2,4]", "eval.batch_size=2"]
-    tiny += ["eval.tgt_len=8", "train.tgt_len=8", "train.mem_len=8", "train.batch_size=2"]
-    tiny += ["train.eval_interval=2", "eval.max_valid_batches=2"]
-    args = ["train", "--config", "quick", "--out", str(run), "--no-progress"]
-    for setting in tiny:
-        args += ["--set", setting]
-    assert main(args) == 0
+    run = train_tiny_run(tmp_path / "run", steps=4)
     capsys.readouterr()
     command = ["adaptive", str(run), "--max-batches", "3", "--no-progress"]
     assert main([*command, "--top-p", "0.5,1", "--ratio", "0"]) == 0

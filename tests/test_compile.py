@@ -10,21 +10,9 @@ import torch
 
 from hyperrouter.models.transformer_xl import can_compile
 from hyperrouter.train.config import load_config
+from tests.conftest import TINY_MOE
 
-TINY = [
-    "model.n_layer=2",
-    "model.d_model=16",
-    "model.n_head=2",
-    "model.d_head=8",
-    "model.d_inner=32",
-    "moe.num_experts=4",
-    "moe.d_expert=8",
-    "train.top_k_min=1",
-    "train.top_k_max=4",
-    "eval.top_ks=[1,4]",
-    "model.dropout=0.0",
-    "model.dropatt=0.0",
-]
+TINY = [*TINY_MOE, "eval.top_ks=[1,4]", "model.dropout=0.0", "model.dropatt=0.0"]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

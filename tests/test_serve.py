@@ -4,8 +4,6 @@ endpoint, streaming, bad input, batching, the openai client, policies and their 
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +16,7 @@ httpx = pytest.importorskip("httpx")
 
 from hyperrouter.cli import main  # noqa: E402
 from hyperrouter.serve.engine import Engine, generate  # noqa: E402
+from hyperrouter.serve.loadtest import LocalServer  # noqa: E402
 from hyperrouter.serve.policies import (  # noqa: E402
     LearnedPolicy,
     Profile,
@@ -28,57 +27,29 @@ from hyperrouter.serve.policies import (  # noqa: E402
     train_learned,
 )
 from hyperrouter.train.evaluate import load_trained  # noqa: E402
+from tests.conftest import train_tiny_run  # noqa: E402
 
-TINY = ["model.n_layer=2", "model.d_model=16", "model.n_head=2", "model.d_head=8"]
-TINY += ["model.d_inner=32", "moe.num_experts=4", "moe.d_expert=8", "train.steps=3"]
-TINY += ["train.top_k_min=1", "train.top_k_max=4", "eval.top_ks=[1,2,4]", "eval.batch_size=2"]
-TINY += ["eval.tgt_len=8", "train.tgt_len=8", "train.mem_len=8", "train.batch_size=2"]
-TINY += ["train.eval_interval=3", "eval.max_valid_batches=2"]
 PROMPT = "ROMEO: the king"
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve") / "run"
-    args = ["train", "--config", "quick", "--out", str(out), "--no-progress"]
-    for setting in TINY:
-        args += ["--set", setting]
-    assert main(args) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("serve") / "run", steps=3)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    """A uvicorn server in a thread, on a free loopback port."""
+class Running(LocalServer):
+    """The real server (`bench serve`'s LocalServer: uvicorn in a thread on a free loopback
+    port) around a fresh engine on the run."""
 
     def __init__(self, run_dir: Path, policy=None, **options) -> None:
-        import uvicorn
-
         from hyperrouter.serve.app import Server, create_app
 
         engine = Engine(load_trained(run_dir), max_prompt=200, max_tokens_limit=64)
-        self.server = Server(engine, policy or StaticPolicy(4), **options)
-        self.port = free_port()
-        config = uvicorn.Config(
-            create_app(self.server), host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self.uvicorn = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.uvicorn.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.app_server = Server(engine, policy or StaticPolicy(4), **options)
+        super().__init__(create_app(self.app_server))
 
     def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=60)
+        super().stop()
         assert not self.thread.is_alive()
 
 
@@ -157,11 +128,11 @@ def test_streaming_gives_the_same_text(served, reference) -> None:
 
 
 def test_concurrent_requests_are_batched_and_equal_unbatched(served, reference) -> None:
-    before = served.server.metrics.batches._value.get()
+    before = served.app_server.metrics.batches._value.get()
     bodies = [{"prompt": PROMPT[: 5 + i], "max_tokens": 8, "seed": i, "k": 2} for i in range(6)]
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda b: post(served.url, "/v1/completions", b).json(), bodies))
-    batches = served.server.metrics.batches._value.get() - before
+    batches = served.app_server.metrics.batches._value.get() - before
     assert batches < len(bodies), "the six requests should share batches"
     for body, answer in zip(bodies, answers):
         want = generate(reference, body["prompt"], k=2, max_tokens=8, seed=body["seed"])
@@ -266,7 +237,7 @@ def test_a_burst_above_the_queue_limit_gets_429_and_shutdown_finishes_in_flight(
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(post, running.url, "/v1/completions", body)
             time.sleep(0.3)
-            running.uvicorn.should_exit = True
+            running.server.should_exit = True
             assert pending.result().status_code == 200
     finally:
         running.stop()

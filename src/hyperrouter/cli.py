@@ -273,7 +273,9 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
     if args.duration <= 0 or args.duration > 600:
         raise HyperRouterError(f"--duration must be in (0, 600] seconds, got {args.duration}")
-    run_dir = _run_dir_of(args.run)
+    from hyperrouter.train.checkpoint import run_folder
+
+    run_dir = run_folder(args.run)
     policy_file = Path(args.policy_file) if args.policy_file else run_dir / "serve" / "policy.json"
     _, profile = load_policy_file(policy_file)
     specs = list(args.policies)
@@ -803,11 +805,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_serve)
 
 
-def _run_dir_of(path: str) -> Path:
-    p = Path(path)
-    return p.parent.parent if (p / "model.safetensors").is_file() else p
-
-
 def _serve(args: argparse.Namespace) -> int:
     from hyperrouter.serve.engine import Engine
     from hyperrouter.train.evaluate import inference_ks, load_trained
@@ -837,7 +834,9 @@ def _serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_dir = _run_dir_of(target[0])
+    from hyperrouter.train.checkpoint import run_folder
+
+    run_dir = run_folder(target[0])
     policy_file = Path(args.policy_file) if args.policy_file else run_dir / "serve" / "policy.json"
     run = load_trained(target[0])
     engine = Engine(run, max_prompt=args.max_prompt, max_tokens_limit=args.max_tokens_limit)

@@ -70,6 +70,10 @@ class Pass:
     mean_k: list[float]  # per MoE layer, over every token
 
     @property
+    def ms_per_1000_tokens(self) -> float:
+        return 1e6 * self.seconds / max(float(self.tokens.sum()) * self.loss.shape[1], 1.0)
+
+    @property
     def nll(self) -> float:
         weights = self.tokens[:, None].expand_as(self.loss).double()
         return float((self.loss.double() * weights).sum() / weights.sum())
@@ -119,6 +123,64 @@ def _forward(model: TransformerXL, inp: Tensor, target: Tensor, mems, confidence
     return nll, new_mems, outs, conf
 
 
+class _Tally:
+    """What a pass collects batch by batch: each input's mean loss, the routing features (when
+    asked), the experts computed per MoE layer, and the time from `start` to `finish`."""
+
+    def __init__(
+        self,
+        model: TransformerXL,
+        data: Tensor,
+        config: RunConfig,
+        device: torch.device,
+        max_batches: int | None,
+    ) -> None:
+        self.columns = config.eval.batch_size
+        self.iterator = LMOrderedIterator(data, self.columns, config.eval.tgt_len, device=device)
+        n = len(self.iterator)
+        self.n = n if max_batches is None else min(n, max_batches)
+        self.loss: list[Tensor] = []
+        self.entropy: list[Tensor] = []
+        self.top1: list[Tensor] = []
+        self.confidence: list[Tensor] = []
+        self.tokens: list[int] = []
+        self.pairs = [0.0] * len(model.moe_layers())  # (token, expert) pairs computed, per layer
+        self.started = 0.0
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.started = time.perf_counter()
+        for i in range(self.n):
+            inp, target, _ = self.iterator.get_batch(i)
+            yield inp, target
+
+    def add(self, nll_QB: Tensor) -> None:
+        self.loss.append(nll_QB.float().mean(0).cpu())
+        self.tokens.append(nll_QB.shape[0])
+
+    def count(self, mean_k: list[float], tokens: int) -> None:
+        """One call's experts per token (per MoE layer) over `tokens` tokens."""
+        for j, value in enumerate(mean_k):
+            self.pairs[j] += value * tokens
+
+    def finish(self) -> Pass:
+        seconds = time.perf_counter() - self.started
+        total = max(sum(self.tokens) * self.columns, 1)
+        empty = torch.zeros(len(self.loss), self.columns)
+        return Pass(
+            torch.stack(self.loss),
+            torch.stack(self.entropy) if self.entropy else empty,
+            torch.stack(self.top1) if self.top1 else empty,
+            torch.stack(self.confidence) if self.confidence else None,
+            torch.tensor(self.tokens),
+            seconds,
+            [p / total for p in self.pairs],
+        )
+
+
+def _mean_k(outs) -> list[float]:
+    return [o.stats.mean_k.item() for o in outs]
+
+
 def run_pass(
     model: TransformerXL,
     data: Tensor,
@@ -134,45 +196,27 @@ def run_pass(
 ) -> Pass:
     """Every segment at static k (or under a per-token policy), with memory; the predictor's
     routing features and the cascade's confidence only when asked (they cost time)."""
-    batch_size, tgt_len = config.eval.batch_size, config.eval.tgt_len
-    iterator = LMOrderedIterator(data, batch_size, tgt_len, device=device)
-    n = len(iterator) if max_batches is None else min(len(iterator), max_batches)
-    loss, entropy, top1, conf, tokens = [], [], [], [], []
-    k_sums = [0.0] * len(model.moe_layers())
+    tally = _Tally(model, data, config, device, max_batches)
     mems: list[Tensor] = []
     with _inference(model, eval_mem_len(config)):
         if k is not None and model.moe_layers():
             model.set_top_k(k)
         if model.moe_layers():
             model.set_token_policy(policy)
-        start = time.perf_counter()
-        for i in range(n):
-            inp, target, _ = iterator.get_batch(i)
+        for inp, target in tally.batches():
             with autocast(device, config.train.amp):
                 nll, mems, outs, c = _forward(model, inp, target, mems, confidence)
-            loss.append(nll.float().mean(0).cpu())
+            tally.add(nll)
             if features:
                 e, t1 = _routing_features(outs, inp.shape[0], inp.shape[1])
-                entropy.append(e)
-                top1.append(t1)
+                tally.entropy.append(e)
+                tally.top1.append(t1)
             if c is not None:
-                conf.append(c.cpu())
-            tokens.append(target.shape[0])
-            for j, o in enumerate(outs):
-                k_sums[j] += o.stats.mean_k.item() * target.shape[0]
+                tally.confidence.append(c.cpu())
+            tally.count(_mean_k(outs), target.numel())
             if on_batch is not None:
                 on_batch()
-        seconds = time.perf_counter() - start
-    total = max(sum(tokens), 1)
-    return Pass(
-        torch.stack(loss),
-        torch.stack(entropy) if entropy else torch.zeros(0),
-        torch.stack(top1) if top1 else torch.zeros(0),
-        torch.stack(conf) if conf else None,
-        torch.tensor(tokens),
-        seconds,
-        [s / total for s in k_sums],
-    )
+        return tally.finish()
 
 
 # ----------------------------------------------------------------------------- per input
@@ -186,6 +230,12 @@ def oracle_choice(losses: Tensor, ks: list[int], tolerance: float) -> Tensor:
     within = losses <= losses[-1] + tolerance
     # argmax of a bool over the first axis: the first (cheapest) True; the largest k always is
     return within.to(torch.uint8).argmax(0)
+
+
+def _k_share(pick: Tensor, ks: list[int]) -> Tensor:
+    """The share of inputs given each k (pick: indices into ks)."""
+    counts = torch.bincount(pick.reshape(-1), minlength=len(ks)).double()
+    return counts / counts.sum()
 
 
 def _features(previous_loss: Tensor, entropy: Tensor, top1: Tensor) -> Tensor:
@@ -280,45 +330,29 @@ def run_predictor(
     on_batch: Callable[[], None] | None = None,
 ) -> tuple[Pass, Tensor]:
     """The predictor run for real: (the pass, the chosen index into ks [segments, columns])."""
-    iterator = LMOrderedIterator(data, config.eval.batch_size, config.eval.tgt_len, device=device)
-    n = len(iterator) if max_batches is None else min(len(iterator), max_batches)
-    columns = config.eval.batch_size
-    loss, entropy, top1, tokens, chosen = [], [], [], [], []
-    k_sums = [0.0] * len(model.moe_layers())
+    tally = _Tally(model, data, config, device, max_batches)
+    chosen = []
     mems: list[Tensor] = []
     with _inference(model, eval_mem_len(config)):
         model.set_token_policy(None)
-        start = time.perf_counter()
-        for i in range(n):
-            inp, target, _ = iterator.get_batch(i)
-            if i == 0:  # nothing known yet: the largest k
-                pick = torch.full((columns,), len(ks) - 1, dtype=torch.long)
+        for inp, target in tally.batches():
+            if not tally.loss:  # nothing known yet: the largest k
+                pick = torch.full((tally.columns,), len(ks) - 1, dtype=torch.long)
             else:
-                pick = predictor.predict(_features(loss[-1], entropy[-1], top1[-1]))
+                pick = predictor.predict(
+                    _features(tally.loss[-1], tally.entropy[-1], tally.top1[-1])
+                )
             nll, mems, (e, t1, mean_k) = _run_columns(
                 model, inp, target, mems, pick, ks, config.train.amp
             )
-            loss.append(nll.mean(0).cpu())
-            entropy.append(e)
-            top1.append(t1)
-            tokens.append(target.shape[0])
+            tally.add(nll)
+            tally.entropy.append(e)
+            tally.top1.append(t1)
+            tally.count(mean_k, target.numel())
             chosen.append(pick)
-            for j, value in enumerate(mean_k):
-                k_sums[j] += value * target.shape[0]
             if on_batch is not None:
                 on_batch()
-        seconds = time.perf_counter() - start
-    total = max(sum(tokens), 1)
-    result = Pass(
-        torch.stack(loss),
-        torch.stack(entropy),
-        torch.stack(top1),
-        None,
-        torch.tensor(tokens),
-        seconds,
-        [s / total for s in k_sums],
-    )
-    return result, torch.stack(chosen)
+        return tally.finish(), torch.stack(chosen)
 
 
 def run_cascade(
@@ -335,22 +369,17 @@ def run_cascade(
 ) -> tuple[Pass, float]:
     """Every input at k = small; the inputs whose confidence is below `threshold` again at k =
     large from the same memory. (the pass, the share of inputs escalated)."""
-    iterator = LMOrderedIterator(data, config.eval.batch_size, config.eval.tgt_len, device=device)
-    n = len(iterator) if max_batches is None else min(len(iterator), max_batches)
-    loss, tokens, escalated, count = [], [], 0, 0
-    k_sums = [0.0] * len(model.moe_layers())
+    tally = _Tally(model, data, config, device, max_batches)
+    escalated = 0
     mems: list[Tensor] = []
     with _inference(model, eval_mem_len(config)):
         model.set_token_policy(None)
-        start = time.perf_counter()
-        for i in range(n):
-            inp, target, _ = iterator.get_batch(i)
+        for inp, target in tally.batches():
             model.set_top_k(small)
             with autocast(device, config.train.amp):
                 nll, new_mems, outs, conf = _forward(model, inp, target, mems, True)
             nll = nll.float()
-            for j, o in enumerate(outs):
-                k_sums[j] += o.stats.mean_k.item() * target.shape[0] * inp.shape[1]
+            tally.count(_mean_k(outs), target.numel())
             cols = (conf < threshold).nonzero(as_tuple=True)[0]
             if len(cols):
                 model.set_top_k(large)
@@ -360,28 +389,13 @@ def run_cascade(
                 nll[:, cols] = again.nll.float()
                 for m, m_large in zip(new_mems, again.mems):
                     m[:, cols] = m_large
-                for j, stats in enumerate(again.moe_stats):
-                    k_sums[j] += stats.mean_k.item() * target.shape[0] * len(cols)
+                tally.count(_mean_k(again.moe_outputs), target.shape[0] * len(cols))
             mems = new_mems
             escalated += len(cols)
-            count += inp.shape[1]
-            loss.append(nll.mean(0).cpu())
-            tokens.append(target.shape[0])
+            tally.add(nll)
             if on_batch is not None:
                 on_batch()
-        seconds = time.perf_counter() - start
-    total = max(sum(tokens) * config.eval.batch_size, 1)
-    empty = torch.zeros(len(loss), config.eval.batch_size)
-    result = Pass(
-        torch.stack(loss),
-        empty,
-        empty,
-        None,
-        torch.tensor(tokens),
-        seconds,
-        [s / total for s in k_sums],
-    )
-    return result, escalated / max(count, 1)
+        return tally.finish(), escalated / max(tally.columns * len(tally.loss), 1)
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -409,7 +423,6 @@ def _point(
     extra_macs: float = 0.0,
     macs: float | None = None,
 ) -> dict[str, Any]:
-    tokens = float(result.tokens.sum()) * shape.batch
     if macs is None:
         mean_k = result.mean_k if result.mean_k else None
         macs = sum(macs_per_token(model, shape, mean_k).values())
@@ -418,7 +431,7 @@ def _point(
         "value": metric_value(result.nll, kind),
         "mean_k": round(sum(result.mean_k) / len(result.mean_k), 4) if result.mean_k else None,
         "macs_per_token": round(macs, 1),
-        "ms_per_1000_tokens": round(1e3 * result.seconds / tokens * 1000, 4),
+        "ms_per_1000_tokens": round(result.ms_per_1000_tokens, 4),
     }
 
 
@@ -466,7 +479,6 @@ def adaptive_sweep(
     tick = lambda: bar.update(1)  # noqa: E731
     out: dict[str, Any] = {"metric": "bpc" if kind == "char" else "ppl", "ks": ks}
     try:
-        small, large = spec.cascade_ks
         bar.set_postfix_str("warm-up")
         for k in ks:  # untimed: the first calls at a shape pay allocation and one-time setup
             run_pass(model, test, config, device, k=k, confidence=True, max_batches=2)
@@ -550,9 +562,7 @@ def _per_input(
 ) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     macs_k = {k: sum(macs_per_token(model, shape, k).values()) for k in {*ks, *spec.cascade_ks}}
-    ms_k = {
-        k: 1e6 * r.seconds / (float(r.tokens.sum()) * shape.batch) for k, r in static_runs.items()
-    }
+    ms_k = {k: r.ms_per_1000_tokens for k, r in static_runs.items()}
     losses = torch.stack([static_runs[k].loss for k in ks])
     weights = static_runs[ks[-1]].tokens[:, None].double()
     if "oracle" in spec.per_input:
@@ -561,8 +571,7 @@ def _per_input(
             pick = oracle_choice(losses, ks, tol)
             loss = losses.gather(0, pick[None]).squeeze(0).double()
             nll = float((loss * weights).sum() / (weights.sum() * loss.shape[1]))
-            share = torch.bincount(pick.reshape(-1), minlength=len(ks)).double()
-            share = share / share.sum()
+            share = _k_share(pick, ks)
             rows.append(
                 {
                     "param": tol,
@@ -574,7 +583,7 @@ def _per_input(
                     "ms_per_1000_tokens": round(
                         float(sum(s * ms_k[k] for s, k in zip(share, ks))), 4
                     ),
-                    "k_share": {str(k): round(float(s), 4) for k, s in zip(ks, share)},
+                    "k_share": {str(k): round(float(v), 4) for k, v in zip(ks, share)},
                 }
             )
         out["oracle"] = rows
@@ -619,14 +628,13 @@ def _per_input(
                 max_batches=max_batches,
                 on_batch=tick,
             )
-            share = torch.bincount(pick.reshape(-1), minlength=len(ks)).double()
-            share = share / share.sum()
+            share = _k_share(pick, ks)
             extra = predictor.macs / config.eval.tgt_len
             rows.append(
                 {
                     "param": tol,
                     **_point(model, shape, kind, result, extra),
-                    "k_share": {str(k): round(float(s), 4) for k, s in zip(ks, share)},
+                    "k_share": {str(k): round(float(v), 4) for k, v in zip(ks, share)},
                 }
             )
         out["predictor"] = rows

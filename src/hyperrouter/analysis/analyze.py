@@ -156,7 +156,7 @@ def analyze_run(
     """Analyse the best all-experts checkpoint of a run; returns (and writes) analysis.json."""
     run = load_trained(path, "best_all_experts")
     model, config = run.model, run.config
-    run_dir = Path(path) if (Path(path) / "checkpoints").is_dir() else run.folder.parent.parent
+    run_dir = ckpt.run_folder(path)
     out = analysis_dir(path, out_dir)
     layers = model.moe_layers()
     result: dict[str, Any] = {
@@ -252,8 +252,7 @@ def analysis_dir(path: str | Path, out_dir: str | Path | None = None) -> Path:
     """Where `analyze_run` writes: `out_dir`, or RUN_DIR/analysis."""
     if out_dir is not None:
         return Path(out_dir)
-    path = Path(path)
-    return (path if (path / "checkpoints").is_dir() else path.parent.parent) / "analysis"
+    return ckpt.run_folder(path) / "analysis"
 
 
 def _other_checkpoints(run_dir: Path, main: Path) -> dict[str, list[MoE]]:

@@ -143,6 +143,13 @@ def update_index(run_dir: Path, **pointers: str) -> dict[str, str]:
     return index
 
 
+def run_folder(path: str | os.PathLike) -> Path:
+    """The run folder of `path`: a run folder itself, or the run that holds a checkpoint folder
+    (RUN/checkpoints/NAME)."""
+    p = Path(path)
+    return p if (p / "checkpoints").is_dir() else p.parent.parent
+
+
 def resolve_checkpoint(path: str | os.PathLike, which: str = "best_all_experts") -> Path:
     """A checkpoint folder from a run dir (via its index) or a checkpoint folder itself."""
     p = Path(path)
