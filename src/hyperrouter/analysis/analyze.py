@@ -170,7 +170,7 @@ def analyze_run(
         return result
     corpus = load_matching_corpus(run, data)
     if top_k is None:  # the training k (the schedule's final k)
-        top_k = config.train_top_k(config.train.steps)
+        top_k = config.final_top_k()
     elif not 1 <= top_k <= model.num_experts:
         raise HyperRouterError(f"--top-k must be in [1, {model.num_experts}], got {top_k}")
     device = next(model.parameters()).device

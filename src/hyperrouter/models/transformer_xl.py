@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -351,9 +352,19 @@ class TransformerXL(nn.Module):
         """Experts per MoE layer, the largest valid k (1 for a model without MoE layers)."""
         return self.moe_config.total_experts if self.moe_layers() else 1
 
-    def set_top_k(self, top_k: int) -> None:
-        """Use k experts per token in every MoE layer (validated against E)."""
-        for layer in self.moe_layers():
+    def set_top_k(self, top_k: int | Sequence[int]) -> None:
+        """Use k experts per token in every MoE layer (validated against E), or one k per MoE
+        layer (a sequence with one entry per layer, in order)."""
+        layers = self.moe_layers()
+        if isinstance(top_k, Sequence):
+            if len(top_k) != len(layers):
+                raise HyperRouterError(
+                    f"set_top_k needs one k per MoE layer ({len(layers)}), got {len(top_k)}"
+                )
+            for layer, k in zip(layers, top_k):
+                layer.top_k = k
+            return
+        for layer in layers:
             layer.top_k = top_k
 
     def compile_attention(self) -> bool:

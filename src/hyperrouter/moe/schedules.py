@@ -1,14 +1,27 @@
 """Top-k schedules: how many experts each token uses at a given training step.
 
-Pure functions of (step, total_steps, k_min, k_max) -> k, matching the SMoE-Dropout / HyperRouter
-reference (`calculate_gate_number`): the result is always clipped to [k_min, k_max]. Rounding is
-Python's round (half to even), as in the reference.
+Deterministic schedules are pure functions of (step, total_steps, k_min, k_max) -> k, matching the
+SMoE-Dropout / HyperRouter reference (`calculate_gate_number`): the result is always clipped to
+[k_min, k_max]. Rounding is Python's round (half to even), as in the reference.
+
+Elastic-k schedules draw k at random at every optimizer step, so that one model learns to work at
+every k of the range (the idea of elastic / "Matryoshka" MoE training: expose the experts to many
+k during training instead of growing k once, as SMoE-Dropout and HyperRouter do):
+- `random_uniform`: k ~ Uniform{k_min, ..., k_max};
+- `random_pow2`: k ~ Uniform over the powers of two in [k_min, k_max] (the nested sizes 1, 2, 4,
+  ... at which such models are usually evaluated; k_min itself when the range holds none).
+With `train.top_k_per_layer` every MoE layer draws its own k at every step; otherwise one draw
+serves every layer. A draw is a pure function of (seed, step, layer) (numpy's SeedSequence), so a
+run is reproducible from its seed and a resumed run draws exactly the k the uninterrupted run
+would have. These are our formulation of the idea; we follow no specific paper's sampler.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+
+import numpy as np
 
 from hyperrouter.errors import HyperRouterError
 
@@ -68,6 +81,28 @@ def multi_step_decrease(step: int, total_steps: int, k_min: int, k_max: int) -> 
     return _clip(MULTI_STEP_KS[::-1][index], k_min, k_max)
 
 
+def _powers_of_two(k_min: int, k_max: int) -> list[int]:
+    ks = [1 << i for i in range(k_max.bit_length()) if k_min <= 1 << i <= k_max]
+    return ks or [k_min]
+
+
+def elastic_support(name: str, k_min: int, k_max: int) -> list[int]:
+    """The values an elastic-k schedule draws from, each with equal probability."""
+    if name == "random_pow2":
+        return _powers_of_two(k_min, k_max)
+    return list(range(k_min, k_max + 1))
+
+
+def draw_top_k(name: str, seed: int, step: int, layer: int, k_min: int, k_max: int) -> int:
+    """The k an elastic-k schedule draws at `step` for `layer` (0 for a draw shared by every
+    layer): uniform over `elastic_support`, from a generator seeded by (seed, step, layer)."""
+    support = elastic_support(name, k_min, k_max)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, step, layer, 0x6B]))
+    return support[int(rng.integers(len(support)))]
+
+
+ELASTIC_SCHEDULES = ("random_uniform", "random_pow2")
+
 SCHEDULES: dict[str, Callable[[int, int, int, int], int]] = {
     f.__name__: f
     for f in (
@@ -81,14 +116,29 @@ SCHEDULES: dict[str, Callable[[int, int, int, int], int]] = {
         multi_step_decrease,
     )
 }
+VALID_SCHEDULES = (*SCHEDULES, *ELASTIC_SCHEDULES)
 
 
-def top_k_at(name: str, step: int, total_steps: int, k_min: int, k_max: int) -> int:
-    """k for `step` under the schedule `name`, with the arguments validated."""
-    if name not in SCHEDULES:
-        raise HyperRouterError(f"unknown top-k schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+def top_k_at(
+    name: str,
+    step: int,
+    total_steps: int,
+    k_min: int,
+    k_max: int,
+    *,
+    seed: int = 0,
+    layer: int = 0,
+) -> int:
+    """k for `step` under the schedule `name`, with the arguments validated (`seed` and `layer`
+    matter only to the elastic-k schedules)."""
+    if name not in VALID_SCHEDULES:
+        raise HyperRouterError(
+            f"unknown top-k schedule {name!r}; valid: {', '.join(VALID_SCHEDULES)}"
+        )
     if not 1 <= k_min <= k_max:
         raise HyperRouterError(f"top-k schedule needs 1 <= k_min <= k_max, got {k_min}, {k_max}")
     if total_steps < 1:
         raise HyperRouterError(f"top-k schedule needs total_steps >= 1, got {total_steps}")
+    if name in ELASTIC_SCHEDULES:
+        return draw_top_k(name, seed, step, layer, k_min, k_max)
     return SCHEDULES[name](step, total_steps, k_min, k_max)

@@ -25,7 +25,7 @@ import yaml
 
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.models.transformer_xl import ModelConfig, MoEConfig, TransformerXL
-from hyperrouter.moe.schedules import SCHEDULES, top_k_at
+from hyperrouter.moe.schedules import ELASTIC_SCHEDULES, VALID_SCHEDULES, top_k_at
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -76,6 +76,9 @@ class TrainConfig:
     top_k_schedule: str = "linear_increase"
     top_k_min: int = 8
     top_k_max: int = 16
+    # elastic-k schedules (random_uniform, random_pow2): one draw per MoE layer per step (true) or
+    # one draw per step for every layer (false)
+    top_k_per_layer: bool = False
     schedule_steps: int | None = None
     log_interval: int = 200
     eval_interval: int = 4000
@@ -108,11 +111,35 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def train_top_k(self, step: int) -> int:
-        """k the training schedule uses at `step` (held at its final value after it ends)."""
+    def train_top_k(self, step: int, layer: int = 0) -> int:
+        """k the training schedule uses at `step` (held at its final value after it ends); for
+        an elastic-k schedule the draw of MoE layer `layer` (0: the draw every layer shares)."""
         t = self.train
         total = t.schedule_steps or t.steps
+        if t.top_k_schedule in ELASTIC_SCHEDULES:
+            step = min(step, total)
+            return top_k_at(
+                t.top_k_schedule, step, total, t.top_k_min, t.top_k_max, seed=t.seed, layer=layer
+            )
         return top_k_at(t.top_k_schedule, min(step, total), total, t.top_k_min, t.top_k_max)
+
+    def train_top_ks(self, step: int, n_layers: int) -> int | list[int]:
+        """k for every MoE layer at `step`: one int, or one per layer (elastic per-layer draws)."""
+        t = self.train
+        if t.top_k_per_layer and t.top_k_schedule in ELASTIC_SCHEDULES:
+            return [self.train_top_k(step, layer + 1) for layer in range(n_layers)]
+        return self.train_top_k(step)
+
+    @property
+    def elastic(self) -> bool:
+        """True when the training k is drawn at random (an elastic-k schedule)."""
+        return self.train.top_k_schedule in ELASTIC_SCHEDULES
+
+    def final_top_k(self) -> int:
+        """The k training ended at (the largest k an elastic-k schedule draws)."""
+        if self.train.top_k_schedule in ELASTIC_SCHEDULES:
+            return self.train.top_k_max
+        return self.train_top_k(self.train.steps)
 
     def build_model(self, n_token: int) -> TransformerXL:
         """The model this config describes, at the schedule's first k."""
@@ -185,9 +212,10 @@ class RunConfig:
             )
         if t.divergence_steps < 1:
             raise HyperRouterError(f"train.divergence_steps must be >= 1, got {t.divergence_steps}")
-        if t.top_k_schedule not in SCHEDULES:
+        if t.top_k_schedule not in VALID_SCHEDULES:
             raise HyperRouterError(
-                f"unknown train.top_k_schedule {t.top_k_schedule!r}; valid: {', '.join(SCHEDULES)}"
+                f"unknown train.top_k_schedule {t.top_k_schedule!r}; "
+                f"valid: {', '.join(VALID_SCHEDULES)}"
             )
         if moe.layers:
             experts = moe.total_experts

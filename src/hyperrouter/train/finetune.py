@@ -32,7 +32,7 @@ from hyperrouter.data.vocab import Vocab
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.models.classifier import POOLINGS, Classifier
 from hyperrouter.models.transformer_xl import ModelConfig, MoEConfig
-from hyperrouter.moe.schedules import SCHEDULES, top_k_at
+from hyperrouter.moe.schedules import VALID_SCHEDULES, top_k_at
 from hyperrouter.params import parameter_summary, trainable_parameters
 from hyperrouter.train import checkpoint as ckpt
 from hyperrouter.train import runlock
@@ -97,9 +97,10 @@ class FinetuneConfig:
             raise HyperRouterError(f"min_word_freq must be >= 1, got {self.min_word_freq}")
         if self.pooling not in POOLINGS:
             raise HyperRouterError(f"pooling must be one of {', '.join(POOLINGS)}")
-        if self.top_k_schedule not in SCHEDULES:
+        if self.top_k_schedule not in VALID_SCHEDULES:
             raise HyperRouterError(
-                f"unknown top_k_schedule {self.top_k_schedule!r}; valid: {', '.join(SCHEDULES)}"
+                f"unknown top_k_schedule {self.top_k_schedule!r}; "
+                f"valid: {', '.join(VALID_SCHEDULES)}"
             )
         for name in ("max_len", "steps", "batch_size", "eval_batch_size", "eval_interval"):
             if getattr(self, name) < 1:
@@ -383,7 +384,12 @@ def _finetune(
         k = None
         if model.body.moe_layers():
             k = top_k_at(
-                config.top_k_schedule, step - 1, config.steps, config.top_k_min, config.top_k_max
+                config.top_k_schedule,
+                step - 1,
+                config.steps,
+                config.top_k_min,
+                config.top_k_max,
+                seed=config.seed,
             )
             model.body.set_top_k(k)
         if len(order) < config.batch_size:

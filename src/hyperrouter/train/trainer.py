@@ -364,7 +364,8 @@ class Run:
         model.train()
         window = _Window()
         while self.step < t.steps:
-            k = cfg.train_top_k(self.step) if model.moe_layers() else None
+            layers = model.moe_layers()
+            k = cfg.train_top_ks(self.step, len(layers)) if layers else None
             if k is not None:
                 model.set_top_k(k)
             lr = lr_at(self.step, cfg)
@@ -429,7 +430,8 @@ class Run:
                 )
                 window = _Window()
             if self.step % t.eval_interval == 0 or self.step == t.steps:
-                self._validate(k, metric, bar)
+                # an elastic-k schedule's draw is random: validate at the k it ends at instead
+                self._validate(cfg.final_top_k() if cfg.elastic and k else k, metric, bar)
         bar.close()
         return self.final_test()
 
