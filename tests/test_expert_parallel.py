@@ -332,8 +332,8 @@ def check_data_parallel_on_a_model(rank: int) -> None:
 
 
 def check_token_policies(rank: int) -> None:
-    """Variable k per token (top-p, weight ratio) under expert parallelism: the kept pairs only,
-    as in one process (forward, gradients, mean k)."""
+    """Variable k per token (top-p, weight ratio, MoE++'s zero-computation experts) under expert
+    parallelism: the kept pairs only, as in one process (forward, gradients, mean k)."""
     from hyperrouter.moe.policies import TopP, WeightRatio
 
     for policy in (TopP(p=0.6), WeightRatio(r=0.5, k_max=3)):
@@ -345,6 +345,16 @@ def check_token_policies(rank: int) -> None:
             got = layer(datas[rank]["x"], return_details=True, **datas[rank]["call"]).stats
             want = full(datas[rank]["x"], return_details=True, **datas[rank]["call"]).stats
             assert got.mean_k.item() == want.mean_k.item() < E, f"{policy}: mean k"
+    # MoE++: slots on zero-computation experts stay on their rank and cost no FFN
+    for backend in ("grouped", "dense"):
+        zc = {"constant_experts": 2, "copy_experts": 1, "zero_experts": 1}
+        full = make_layer("smoe", backend=backend, **zc)
+        datas = [batch(i, n, torch.float64) for i, n in enumerate(TOKENS)]
+        layer = check_against_single_process(full, datas, rank, f"moe++/{backend}")
+        got = layer(datas[rank]["x"], return_details=True, **datas[rank]["call"]).stats
+        want = full(datas[rank]["x"], return_details=True, **datas[rank]["call"]).stats
+        assert got.mean_k.item() == want.mean_k.item(), "moe++: mean k"
+        assert got.extra.keys() == want.extra.keys() and "zero_share" in got.extra
 
 
 def check_api(rank: int) -> None:

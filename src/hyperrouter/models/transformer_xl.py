@@ -48,11 +48,21 @@ class MoEConfig:
     second_router: str | None = None
     second_router_options: dict = field(default_factory=dict)
     second_top_k: int = 1
+    # MoE++ (hyperrouter.moe.zero_computation): zero-computation experts beside the FFN experts,
+    # their heterogeneous balance loss, and the gating residual between MoE layers
+    constant_experts: int = 0
+    copy_experts: int = 0
+    zero_experts: int = 0
+    gating_residual: bool = False
+    zc_balance_loss_weight: float = 0.01
+    zc_tau: float = 0.75
 
     @property
     def total_experts(self) -> int:
-        """Experts per MoE layer after fine-grained segmentation: the largest valid k."""
-        return self.num_experts * self.granularity
+        """The router's choices per MoE layer (FFN experts after fine-grained segmentation, plus
+        zero-computation experts): the largest valid k."""
+        zc = self.constant_experts + self.copy_experts + self.zero_experts
+        return self.num_experts * self.granularity + zc
 
 
 @dataclass
@@ -311,6 +321,12 @@ class TransformerXL(nn.Module):
                     second_router=moe.second_router,
                     second_router_options=moe.second_router_options,
                     second_top_k=moe.second_top_k,
+                    constant_experts=moe.constant_experts,
+                    copy_experts=moe.copy_experts,
+                    zero_experts=moe.zero_experts,
+                    gating_residual=moe.gating_residual,
+                    zc_balance_loss_weight=moe.zc_balance_loss_weight,
+                    zc_tau=moe.zc_tau,
                 )
             self.layers.append(DecoderLayer(c, layer_moe))
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, c.d_model, cutoffs, div_val)
@@ -440,6 +456,11 @@ class TransformerXL(nn.Module):
             columns = torch.arange(data.shape[1], device=data.device)
             routing_ids = {"token_ids": data, "sequence_ids": columns.expand_as(data)}
         for i, layer in enumerate(self.layers):
+            layer_ids = routing_ids
+            moe = layer.ff.moe
+            if moe is not None and moe.gate_map is not None and moe_outs:
+                # MoE++'s gating residual: the previous MoE layer's logits
+                layer_ids = {**routing_ids, "previous_logits": moe_outs[-1].routing.logits}
             core, moe_out = layer(
                 core,
                 pos,
@@ -448,7 +469,7 @@ class TransformerXL(nn.Module):
                 attn_mask,
                 mems[i] if mems else None,
                 token_mask,
-                routing_ids,
+                layer_ids,
             )
             if moe_out is not None:
                 for value in moe_out.aux_losses.values():

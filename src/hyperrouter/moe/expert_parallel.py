@@ -253,13 +253,13 @@ def shard_experts(model: nn.Module, ep_group: Any) -> nn.Module:
         where = f"MoE layer {name!r}" if name else "the MoE layer"
         if layer.shard is not None:
             raise HyperRouterError(f"{where} is already expert-parallel")
-        if layer.num_experts % size:
+        if layer.ffn_experts % size:
             raise HyperRouterError(
-                f"{where} has E={layer.num_experts} experts, not divisible by the "
+                f"{where} has E={layer.ffn_experts} experts, not divisible by the "
                 f"expert-parallel size P={size}: use a multiple of {size} experts"
             )
     for _, layer in named:
-        shard = ExpertShard(ep_group, size, rank, layer.num_experts)
+        shard = ExpertShard(ep_group, size, rank, layer.ffn_experts)
         layer.experts = _local_experts(layer.experts, shard.first, shard.count)
         layer.dispatcher = AllToAllDispatcher(shard)
     return model

@@ -31,7 +31,8 @@ from hyperrouter.moe.experts import (
     dense_backend,
 )
 from hyperrouter.moe.policies import TokenPolicy, apply_policy
-from hyperrouter.routers import Router, Routing, RoutingContext, build_router
+from hyperrouter.moe.zero_computation import ZeroComputationExperts
+from hyperrouter.routers import LogitRouter, Router, Routing, RoutingContext, build_router
 from hyperrouter.routers.base import fp32_linear
 from hyperrouter.routers.losses import at_least_fp32
 
@@ -123,6 +124,17 @@ class MoE(nn.Module):
             and in inference (VQMoE's layer: `second_router="vqmoe"`). Its auxiliary losses join
             the layer's (a name the first router also uses gets the prefix `second_`).
 
+        constant_experts, copy_experts, zero_experts: MoE++'s zero-computation experts
+            (`hyperrouter.moe.zero_computation`) beside the FFN experts: the router chooses among
+            num_experts * granularity + their count (`num_experts` is that total; the FFN experts
+            are `ffn_experts`); with any, the heterogeneous balance loss
+            `zc_balance_loss` (weight zc_balance_loss_weight, paper 0.01; tau = zc_tau, paper 0.75)
+            joins the router's own losses (routers with logits only).
+        gating_residual: MoE++'s gating residual: the router's logits get W_g times the previous
+            MoE layer's logits (W_g [E, E], no bias; the model passes `previous_logits`); the first
+            MoE layer, or a call without them, adds nothing. Needs a logit router that chooses
+            from its `scores`.
+
     `token_policy` (default None, static k): a per-token choice of k (`hyperrouter.moe.policies`:
     top-p, weight-ratio skipping); with one set, the layer routes every token to the policy's
     k_max experts and computes only the prefix the policy keeps.
@@ -151,6 +163,12 @@ class MoE(nn.Module):
         second_router: str | None = None,
         second_router_options: dict | None = None,
         second_top_k: int = 1,
+        constant_experts: int = 0,
+        copy_experts: int = 0,
+        zero_experts: int = 0,
+        gating_residual: bool = False,
+        zc_balance_loss_weight: float = 0.01,
+        zc_tau: float = 0.75,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -183,12 +201,46 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher()
         self.d_model = d_model
         self.granularity = granularity
-        self.num_experts = num_experts * granularity
+        ffn_experts = num_experts * granularity
+        self.zero_computation = None
+        if constant_experts or copy_experts or zero_experts:
+            self.zero_computation = ZeroComputationExperts(
+                d_model, ffn_experts, constant_experts, copy_experts, zero_experts
+            )
+        zc = 0 if self.zero_computation is None else self.zero_computation.num_experts
+        # the router's choices: the FFN experts (all of them, wherever they live) and the
+        # zero-computation experts
+        self.ffn_experts = ffn_experts
+        self.num_experts = ffn_experts + zc
+        for name, value in (("zc_balance_loss_weight", zc_balance_loss_weight), ("zc_tau", zc_tau)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise HyperRouterError(f"{name} must be a number >= 0, got {value!r}")
+        self.zc_balance_loss_weight = float(zc_balance_loss_weight)
+        self.zc_tau = float(zc_tau)
         self.capacity_factor = capacity_factor
         self.router = build_router(router, d_model, self.num_experts, **(router_options or {}))
         self.router_name = router
+        self.gate_map = None
+        if gating_residual:
+            if not (isinstance(self.router, LogitRouter) and self.router.takes_logit_residual):
+                raise HyperRouterError(
+                    f"gating_residual needs a logit router that chooses from its scores; "
+                    f"router {router!r} does not"
+                )
+            self.gate_map = nn.Linear(self.num_experts, self.num_experts, bias=False)
+        if zc and (
+            self.router.uses_all_experts
+            or (self.router.dispatch or dispatch) == "merge"
+            or type(self.router).wants_expert_responses is not Router.wants_expert_responses
+            or second_router is not None
+        ):
+            raise HyperRouterError(
+                f"zero-computation experts need a router that picks experts per token from the "
+                f"FFN and zero-computation experts alike, with the tokens dispatch and no second "
+                f"router; router {router!r} with these options does not"
+            )
         self.experts = Experts(
-            self.num_experts,
+            ffn_experts,
             d_model,
             d_hidden // granularity,
             activation=activation,
@@ -352,12 +404,15 @@ class MoE(nn.Module):
         return_details: bool = False,
         token_ids: Tensor | None = None,
         sequence_ids: Tensor | None = None,
+        previous_logits: Tensor | None = None,
     ) -> Tensor | MoEOutput:
         """Route and compute. Returns the output tensor, or a `MoEOutput` with return_details=True.
 
         `mask` (bool, x.shape[:-1]) marks real tokens: padding is not routed, not computed, adds
         nothing to the auxiliary losses or statistics, and gets output 0. `token_ids` and
         `sequence_ids` (x.shape[:-1]) reach the router through its `RoutingContext`.
+        `previous_logits` ([T, E] over the real tokens: the previous MoE layer's
+        `MoEOutput.routing.logits`) feeds the gating residual; ignored without one.
         """
         self._check_input(x)
         k = self.top_k if top_k is None else self._check_top_k(top_k)
@@ -381,6 +436,7 @@ class MoE(nn.Module):
         )
 
         with router_precision(x_TD, autocast) as x_router:
+            ctx.logit_residual = self._logit_residual(previous_logits, x_router)
             routing = self._route(x_router, ctx)
             policy_keep = None
             if policy is not None:
@@ -388,14 +444,19 @@ class MoE(nn.Module):
                     policy, routing.logits, routing.expert_ids, routing.weights, routing.keep
                 )
                 policy_keep = routing.keep
+        zc = self.zero_computation
+        ffn_routing = routing if zc is None else _ffn_part(routing, zc.first)
         routed = self._plan(
-            x_TD, routing, k, backend, compute_dtype, autocast, policy_keep is not None
+            x_TD, ffn_routing, k, backend, compute_dtype, autocast, policy_keep is not None
         )
+        keep_TK = routed.keep_TK if zc is None else _with_zc_slots(routing, routed.keep_TK, zc)
         second = None
         if x_TD.shape[0] == 0 and not self.dispatcher.collective:
             y_TD = self._empty_output(x_TD, compute_dtype)
         else:
             y_TD = self.dispatcher.run(self.router.dispatch or self.dispatch, self.experts, routed)
+            if zc is not None:
+                y_TD = y_TD + zc(x_TD.to(y_TD.dtype), routing.expert_ids, routing.weights, keep_TK)
             if self.second_router is not None:
                 y_TD, second = self._second_path(routed, y_TD, ctx, backend)
             if self.shared is not None:
@@ -407,26 +468,50 @@ class MoE(nn.Module):
         output = y_TD.view(*lead, self.d_model)
 
         aux_losses = self._aux_losses(routing, second)
+        if zc is not None and self.zc_balance_loss_weight > 0 and routing.logits is not None:
+            if routing.expert_ids.shape[0] > 0:
+                aux_losses = dict(aux_losses)
+                aux_losses["zc_balance_loss"] = self.zc_balance_loss_weight * zc.balance_loss(
+                    routing.logits, routing.expert_ids, keep_TK, self.zc_tau
+                )
         if self.training:
-            self._training_bookkeeping(routing, routed.keep_TK, token_idx)
+            self._training_bookkeeping(routing, keep_TK, token_idx)
             if second is not None:
                 self._second_bookkeeping(second, token_idx)
         if not return_details:
             return output
-        routing.keep = routed.keep_TK
+        routing.keep = keep_TK
         wanted = None if policy_keep is None else policy_keep.sum()
 
         def make_stats() -> RoutingStats:
-            return _routing_stats(
+            stats = _routing_stats(
                 routing,
-                routed.keep_TK,
+                keep_TK,
                 self.num_experts,
                 routed.backend,
                 k,
                 None if wanted is None else int(wanted),
+                ffn_experts=self.ffn_experts if zc is not None else None,
             )
+            if zc is not None:
+                stats.extra.update(zc.shares(routing.expert_ids, keep_TK))
+            return stats
 
         return MoEOutput(output, aux_losses, routing=routing, make_stats=make_stats)
+
+    def _logit_residual(self, previous_logits: Tensor | None, x_TD: Tensor) -> Tensor | None:
+        """W_g times the previous MoE layer's logits (MoE++'s gating residual), in fp32; None
+        without a gating residual or previous logits."""
+        if self.gate_map is None or previous_logits is None:
+            return None
+        if previous_logits.shape != (x_TD.shape[0], self.num_experts):
+            raise HyperRouterError(
+                f"previous_logits must be [tokens, experts]=[{x_TD.shape[0]}, "
+                f"{self.num_experts}] (the previous MoE layer's, over the same tokens), got "
+                f"{tuple(previous_logits.shape)}"
+            )
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return fp32_linear(self.gate_map, previous_logits)
 
     def _real_tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """x as [T, d_model] rows without the padding `mask` excludes, and the kept rows' indices
@@ -471,14 +556,14 @@ class MoE(nn.Module):
         keep_TK = routing.keep
         if self.capacity_factor is not None and (x_TD.shape[0] > 0 or self.dispatcher.collective):
             keep_TK = self.dispatcher.capacity_keep(
-                routing.expert_ids, keep_TK, self.num_experts, k, self.capacity_factor
+                routing.expert_ids, keep_TK, self.ffn_experts, k, self.capacity_factor
             )
         if backend == "auto":
             slots = routing.expert_ids.shape[1]
             if variable_k:
                 slots = min(slots, -(-int(keep_TK.sum()) // max(x_TD.shape[0], 1)))
             backend = choose_backend(
-                x_TD.shape[0], self.num_experts, slots, x_TD.device, x_TD.dtype
+                x_TD.shape[0], self.ffn_experts, slots, x_TD.device, x_TD.dtype
             )
         return Routed(x_TD, routing, keep_TK, backend, compute_dtype, autocast)
 
@@ -646,6 +731,29 @@ def sum_loads_over_ranks(layers: list[MoE]) -> None:
         setattr(layer, attr, part.clone())
 
 
+def _ffn_part(routing: Routing, ffn_experts: int) -> Routing:
+    """The routing's FFN pairs only: slots on zero-computation experts (ids >= ffn_experts) are
+    not kept and point at expert 0, so that dispatchers and backends see FFN ids alone."""
+    zc_TK = routing.expert_ids >= ffn_experts
+    keep_TK = ~zc_TK if routing.keep is None else routing.keep & ~zc_TK
+    ids_TK = routing.expert_ids.masked_fill(zc_TK, 0)
+    return dataclasses.replace(routing, expert_ids=ids_TK, keep=keep_TK)
+
+
+def _with_zc_slots(
+    routing: Routing, ffn_keep_TK: Tensor | None, zc: ZeroComputationExperts
+) -> Tensor:
+    """The final keep mask [T, K]: the FFN pairs the plan kept, and the slots on
+    zero-computation experts the router (or token policy) kept (no capacity limit: they are
+    free)."""
+    zc_TK = routing.expert_ids >= zc.first
+    if routing.keep is not None:
+        zc_TK = zc_TK & routing.keep
+    if ffn_keep_TK is None:
+        return zc_TK | (routing.expert_ids < zc.first)
+    return ffn_keep_TK | zc_TK
+
+
 def moe_layers(model: nn.Module) -> list[MoE]:
     """Every MoE layer of a model, in module order."""
     return [m for m in model.modules() if isinstance(m, MoE)]
@@ -665,7 +773,10 @@ def _routing_stats(
     backend: str,
     top_k: int,
     wanted: int | None = None,
+    ffn_experts: int | None = None,
 ) -> RoutingStats:
+    """`ffn_experts`: with zero-computation experts, the ids below it are the FFN experts, the
+    only ones `mean_k` counts."""
     ids_TK, logits_TE = routing.expert_ids, routing.logits
     device = ids_TK.device
     kept_ids = ids_TK.reshape(-1) if keep_TK is None else ids_TK[keep_TK]
@@ -683,7 +794,8 @@ def _routing_stats(
     if wanted is None:
         wanted = ids_TK.shape[0] * top_k
     dropped = max(0.0, 1.0 - kept_ids.numel() / wanted) if wanted else 0.0
-    mean_k = kept_ids.numel() / ids_TK.shape[0] if ids_TK.shape[0] else 0.0
+    computed = kept_ids.numel() if ffn_experts is None else int((kept_ids < ffn_experts).sum())
+    mean_k = computed / ids_TK.shape[0] if ids_TK.shape[0] else 0.0
     return RoutingStats(
         counts_E,
         entropy,

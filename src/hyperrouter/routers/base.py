@@ -47,6 +47,8 @@ class RoutingContext:
     top_k: experts per token for this call. training: the layer's mode. step: the optimizer step
     (None outside the trainer). token_ids / sequence_ids: [T] ids of the routed tokens and of the
     sequence each belongs to (None when the model has none; padding already removed, like x_TD).
+    logit_residual: [T, E] added to a logit router's logits before it chooses (MoE++'s gating
+    residual: the layer's map of the previous MoE layer's logits; None: nothing added).
     """
 
     top_k: int
@@ -54,6 +56,7 @@ class RoutingContext:
     step: int | None = None
     token_ids: Tensor | None = None
     sequence_ids: Tensor | None = None
+    logit_residual: Tensor | None = None
 
 
 @dataclass
@@ -212,6 +215,10 @@ class LogitRouter(Router):
     `z_loss_weight` (0 = off).
     """
 
+    # whether forward chooses from `scores` (so the layer's gating residual reaches the choice);
+    # a subclass whose forward computes its logits otherwise sets it False
+    takes_logit_residual: ClassVar[bool] = True
+
     def __init__(
         self,
         d_model: int,
@@ -239,13 +246,21 @@ class LogitRouter(Router):
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def scores(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
+        """The logits the router chooses from: `compute_logits`, plus the call's gating residual
+        (`RoutingContext.logit_residual`, in fp32) when the layer gives one."""
+        logits_TE = self.compute_logits(x_TD)
+        if ctx.logit_residual is None:
+            return logits_TE
+        return at_least_fp32(logits_TE) + ctx.logit_residual
+
     def selection_bias(self) -> Tensor | None:
         """A per-expert bias added to the scores for the choice only (None: no bias)."""
         return None
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | int) -> Routing:
         ctx = self.context(ctx)
-        logits_TE = self.compute_logits(x_TD)
+        logits_TE = self.scores(x_TD, ctx)
         ids_TK, weights_TK = select_experts(
             logits_TE, ctx.top_k, self.score, self.renormalize, self.selection_bias()
         )

@@ -164,7 +164,7 @@ class CompeteSMoERouter(LogitRouter):
         self, x_TD: Tensor, ctx: RoutingContext, responses_TED: Tensor
     ) -> Routing:
         """Winners by response score; router loss toward them; balance loss on the winners."""
-        logits_TE = self.compute_logits(x_TD)
+        logits_TE = self.scores(x_TD, ctx)
         scores_TE = response_scores(responses_TED.detach(), self.response_score)
         ids_TK, weights_TK, target_TE = competition_target(scores_TE, ctx.top_k)
         aux = self.aux_losses(logits_TE, ids_TK)

@@ -105,7 +105,7 @@ class ExpertChoiceRouter(LogitRouter):
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | int) -> Routing:
         ctx = self.context(ctx)
-        logits_TE = at_least_fp32(self.compute_logits(x_TD))
+        logits_TE = at_least_fp32(self.scores(x_TD, ctx))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         num_tokens, num_experts = probs_TE.shape
         capacity = self.capacity(num_tokens, ctx.top_k)

@@ -247,6 +247,8 @@ class LocMoERouter(LogitRouter):
             )
         return torch.arange(num_tokens, device=device) % self.num_nodes
 
+    takes_logit_residual = False  # the choice is from the cosines (and capacity), not `scores`
+
     def forward(self, x_TD: Tensor, ctx: RoutingContext | int) -> Routing:
         ctx = self.context(ctx)
         cos_TE = self.cosine_scores(x_TD)

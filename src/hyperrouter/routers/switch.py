@@ -79,7 +79,7 @@ class _CapacityRouter(LogitRouter):
         if ctx.training and self.jitter_eps > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
             x_TD = x_TD * noise
-        return at_least_fp32(self.compute_logits(x_TD))
+        return at_least_fp32(self.scores(x_TD, ctx))
 
     def capacity_keep(
         self, ids_TK: Tensor, ctx: RoutingContext, keep_TK: Tensor | None = None

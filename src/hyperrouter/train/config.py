@@ -222,6 +222,8 @@ class RunConfig:
             label = f"moe.num_experts={experts}"
             if moe.granularity > 1:
                 label = f"moe.num_experts * moe.granularity={experts}"
+            if experts != moe.num_experts * moe.granularity:
+                label = f"the FFN and zero-computation experts={experts}"
             if not 1 <= t.top_k_min <= t.top_k_max <= experts:
                 raise HyperRouterError(
                     f"the top-k schedule needs 1 <= train.top_k_min <= train.top_k_max <= "
