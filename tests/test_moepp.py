@@ -198,3 +198,32 @@ def test_bad_options_are_one_line_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(HyperRouterError, match=message) as info:
         MoE(D, 4, H, 1, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_evaluation_charges_the_ffn_experts_computed_not_k() -> None:
+    """Every token on the zero expert: the measured mean k is 0 in every layer, and the
+    results' multiply-adds are those of k = 0 (the router's and attention's only)."""
+    from hyperrouter.cost import Shape, macs_per_token
+    from hyperrouter.train.config import RunConfig
+    from hyperrouter.train.evaluate import cost_and_aiq, evaluate
+
+    torch.manual_seed(0)
+    moe = MoEConfig(layers=[0, 1], num_experts=4, d_expert=8, router="smoe", **ZC)
+    cfg = ModelConfig(n_layer=2, n_head=2, d_head=4, d_model=8, d_inner=16)
+    model = TransformerXL(20, cfg, moe, tgt_len=6, mem_len=6, top_k=1)
+    for layer in model.moe_layers():
+        force(layer, 4 + 3)  # the zero expert (4 FFN + 2 constant + 1 copy)
+    data = torch.randint(0, 20, (200,))
+    result = evaluate(
+        model, data, batch_size=2, tgt_len=6, mem_len=6, top_k=1, device=torch.device("cpu")
+    )
+    assert result.mean_k == [0.0, 0.0]
+    run = RunConfig(model=cfg, moe=moe)
+    run.eval.tgt_len, run.eval.batch_size, run.train.mem_len, run.train.tgt_len = 6, 2, 6, 6
+    out = cost_and_aiq(model, run, "bpc", {"1": 3.0}, {"1": 1e4}, {"1": result.mean_k})
+    shape = Shape(6, 6, 2)
+    assert out["cost"]["macs_per_token"]["1"] == round(
+        sum(macs_per_token(model, shape, 0).values()), 1
+    )
+    assert out["cost"]["macs_per_token"]["1"] < sum(macs_per_token(model, shape, 1).values())
+    assert out["mean_k"] == {"1": [0.0, 0.0]}

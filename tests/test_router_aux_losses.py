@@ -15,11 +15,12 @@ W = 0.5
 # Routers with logits but no balance-loss option, and why: balanced by construction in training
 # (expert choice, BASE; S-BASE up to its Sinkhorn tolerance) or every token on every expert
 # (dense: the Switch loss is the constant 1).
-NO_BALANCE = {"base", "dense", "expert_choice", "sbase", "smear"}  # smear: every expert used
+# remoe: its load-balanced L1 (tested in test_routers_top_p_remoe.py) is its balance term.
+NO_BALANCE = {"base", "dense", "expert_choice", "remoe", "sbase", "smear"}  # smear: all experts
 # The Switch loss over the first slot only (GShard's f_i counts first choices).
-FIRST_SLOT_BALANCE = {"gshard"}
+FIRST_SLOT_BALANCE = {"gshard", "cosine", "perturbed_cosine", "sigmoid"}
 # A balance loss of the router's own (StableMoE's L_bal), tested in test_routers_v2_more.py.
-OWN_BALANCE = {"stablemoe"}
+OWN_BALANCE = {"stablemoe", "top_p"}  # top_p: f over the kept experts
 
 
 def z_options(name: str, weight: float) -> dict:

@@ -18,6 +18,13 @@ backward, e.g. Sinkhorn for `sbase`), inference mode in eval mode. Forced expert
 timed with the first router only (they time the experts, which no router changes); the Mixtral
 peers only next to `smoe`. A router that uses every expert (`dense`) computes all E experts
 whatever k says: its ratio is against the floor of width k * d_hidden all the same.
+
+Routers whose tokens keep a varying number of experts (top_p, remoe, adamoe, tc_moe: k is their
+k_max) compute fewer pairs than k. Every record of our layer carries the measured mean number of
+experts per token (`extra["mean_k"]`, the pairs computed over the tokens, in eval mode on the
+timed input), and, when `smoe` is timed in the same run, `extra["x_smoe_same_pairs"]`: its time
+over smoe's at the same number of kept pairs (smoe's median times interpolated linearly in k
+between the timed k values; clamped at the ends), the cost of its routing at matched compute.
 """
 
 from __future__ import annotations
@@ -115,6 +122,7 @@ class _Contender:
     module: nn.Module
     call: Callable[[Tensor], Tensor]
     router: str | None = None
+    token_ids: Tensor | None = None
 
 
 def _contenders(
@@ -150,6 +158,7 @@ def _contenders(
             return layer(x, backend=backend, token_ids=token_ids)
 
         out.append(_Contender("ours", expert, layer, call, router))
+        out[-1].token_ids = token_ids
         for backend in backends if i == 0 else ():
             out.append(
                 _Contender(
@@ -249,6 +258,7 @@ def run_layer_bench(
             c.module.to(device=dev, dtype=dt)
             c.module.eval()
         diffs = _check_against_ours(contenders, x)
+        mean_k = _mean_k(contenders, x)
         for c in contenders:
             c.module.train(mode == "train")
         steps = [_step(c, x, grad, mode) for c in contenders]
@@ -278,11 +288,55 @@ def run_layer_bench(
                     repeats=len(ts),
                     max_rel_diff_vs_ours=diffs.get((c.impl, c.router)),
                     router=c.router,
+                    extra={"mean_k": mean_k[c.router]} if c.impl == "ours" else {},
                 )
             )
         bar.update(1)
     bar.close()
+    _matched_pairs(records)
     return records
+
+
+@torch.no_grad()
+def _mean_k(contenders: list[_Contender], x: Tensor) -> dict[str | None, float]:
+    """Per router: the experts each token computed in an eval call on `x` (pairs / tokens)."""
+    out: dict[str | None, float] = {}
+    for c in contenders:
+        if c.impl == "ours":
+            c.module.eval()
+            stats = c.module(x, return_details=True, token_ids=c.token_ids).stats
+            out[c.router] = round(stats.mean_k.item(), 3)
+    return out
+
+
+def _matched_pairs(records: list[BenchRecord]) -> None:
+    """Each of our records' time over smoe's at the same mean kept pairs (same expert, mode)."""
+    for r in records:
+        if r.impl != "ours" or "mean_k" not in r.extra:
+            continue
+        curve = sorted(
+            (s.extra["mean_k"], s.median_ms)
+            for s in records
+            if s.impl == "ours"
+            and s.router == "smoe"
+            and (s.expert, s.mode) == (r.expert, r.mode)
+            and "mean_k" in s.extra
+        )
+        if not curve:
+            continue
+        r.extra["x_smoe_same_pairs"] = round(
+            r.median_ms / _interpolate(curve, r.extra["mean_k"]), 3
+        )
+
+
+def _interpolate(curve: list[tuple[float, float]], k: float) -> float:
+    """The curve's value at k, linear between its points and flat beyond its ends."""
+    if k <= curve[0][0]:
+        return curve[0][1]
+    for (k0, t0), (k1, t1) in zip(curve, curve[1:]):
+        if k <= k1:
+            return t0 + (t1 - t0) * (k - k0) / (k1 - k0) if k1 > k0 else t1
+    return curve[-1][1]
 
 
 def _worth_timing(impl: str, top_k: int, num_experts: int) -> bool:
@@ -336,21 +390,26 @@ def format_table(records: list[BenchRecord]) -> str:
     """A plain-text table: one line per record, grouped by expert type and mode."""
     lines = [
         f"{'expert':<7} {'mode':<6} {'k':>3}  {'impl':<32} {'router':<14} {'median ms':>10} "
-        f"{'x dense':>8}",
+        f"{'x dense':>8} {'mean k':>7} {'x smoe@pairs':>12}",
     ]
     for r in sorted(records, key=lambda r: (r.expert, r.mode != "train", r.top_k)):
         ratio = "" if r.ratio_vs_dense is None else f"{r.ratio_vs_dense:.2f}"
         router = r.router or "-"
+        mean_k = r.extra.get("mean_k")
+        same = r.extra.get("x_smoe_same_pairs")
         lines.append(
             f"{r.expert:<7} {r.mode:<6} {r.top_k:>3}  {r.impl:<32} {router:<14} "
-            f"{r.median_ms:>10.1f} {ratio:>8}"
+            f"{r.median_ms:>10.1f} {ratio:>8} {'' if mean_k is None else f'{mean_k:.2f}':>7} "
+            f"{'' if same is None else f'{same:.2f}':>12}"
         )
     return "\n".join(lines)
 
 
 LEGEND = (
     "x dense: the median time over the median time of the dense floor in the same run, a dense "
-    "FFN of hidden width k x d_hidden (the same active compute; 1.00 = no cost for routing)"
+    "FFN of hidden width k x d_hidden (the same active compute; 1.00 = no cost for routing); "
+    "mean k: experts computed per token (below k for variable-k routers); x smoe@pairs: the "
+    "time over smoe's at the same mean k (interpolated), when smoe is in the run"
 )
 
 

@@ -68,9 +68,10 @@ class MoEOutput:
     layer really did (`routing.keep` is the final keep mask: the router's and the capacity's).
 
     The statistics are computed the first time `stats` is read (an evaluation that never reads
-    them does not pay for them: the entropy over all E scores, the bincount)."""
+    them does not pay for them: the entropy over all E scores, the bincount). `computed_pairs`
+    (the (token, FFN expert) pairs the experts computed, a 0-d tensor) is cheap on its own."""
 
-    __slots__ = ("output", "aux_losses", "routing", "_stats", "_make_stats")
+    __slots__ = ("output", "aux_losses", "routing", "_stats", "_make_stats", "ffn_experts")
 
     def __init__(
         self,
@@ -79,8 +80,10 @@ class MoEOutput:
         stats: RoutingStats | None = None,
         routing: Routing | None = None,
         make_stats: Any = None,
+        ffn_experts: int | None = None,
     ) -> None:
         self.output = output
+        self.ffn_experts = ffn_experts
         self.aux_losses = {} if aux_losses is None else aux_losses
         self.routing = routing
         self._stats = stats
@@ -91,6 +94,20 @@ class MoEOutput:
         if self._stats is None and self._make_stats is not None:
             self._stats, self._make_stats = self._make_stats(), None
         return self._stats
+
+    @property
+    def computed_pairs(self) -> Tensor:
+        """The (token, FFN expert) pairs the call computed (slots on zero-computation experts,
+        dropped and unkept slots excluded); with `routed_tokens`, the call's mean k."""
+        ids, keep = self.routing.expert_ids, self.routing.keep
+        computed = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep
+        if self.ffn_experts is not None:
+            computed = computed & (ids < self.ffn_experts)
+        return computed.sum()
+
+    @property
+    def routed_tokens(self) -> int:
+        return self.routing.expert_ids.shape[0]
 
     def __repr__(self) -> str:
         return f"MoEOutput(output={tuple(self.output.shape)}, aux_losses={sorted(self.aux_losses)})"
@@ -446,9 +463,7 @@ class MoE(nn.Module):
                 policy_keep = routing.keep
         zc = self.zero_computation
         ffn_routing = routing if zc is None else _ffn_part(routing, zc.first)
-        routed = self._plan(
-            x_TD, ffn_routing, k, backend, compute_dtype, autocast, policy_keep is not None
-        )
+        routed = self._plan(x_TD, ffn_routing, k, backend, compute_dtype, autocast)
         keep_TK = routed.keep_TK if zc is None else _with_zc_slots(routing, routed.keep_TK, zc)
         second = None
         if x_TD.shape[0] == 0 and not self.dispatcher.collective:
@@ -497,7 +512,13 @@ class MoE(nn.Module):
                 stats.extra.update(zc.shares(routing.expert_ids, keep_TK))
             return stats
 
-        return MoEOutput(output, aux_losses, routing=routing, make_stats=make_stats)
+        return MoEOutput(
+            output,
+            aux_losses,
+            routing=routing,
+            make_stats=make_stats,
+            ffn_experts=self.ffn_experts if zc is not None else None,
+        )
 
     def _logit_residual(self, previous_logits: Tensor | None, x_TD: Tensor) -> Tensor | None:
         """W_g times the previous MoE layer's logits (MoE++'s gating residual), in fp32; None
@@ -548,11 +569,11 @@ class MoE(nn.Module):
         backend: str,
         compute_dtype: torch.dtype,
         autocast: bool,
-        variable_k: bool = False,
     ) -> Routed:
         """What the dispatcher will carry out: the keep mask under the capacity limit (over the
-        tokens the experts see) and the backend `auto` picks for this call (by the pairs a token
-        policy keeps, not by its k_max: the dense backend would compute every expert)."""
+        tokens the experts see) and the backend `auto` picks for this call (by the pairs kept,
+        when the router, a token policy or the capacity keeps fewer than k per token, not by the
+        slots: the dense backend would compute every expert)."""
         keep_TK = routing.keep
         if self.capacity_factor is not None and (x_TD.shape[0] > 0 or self.dispatcher.collective):
             keep_TK = self.dispatcher.capacity_keep(
@@ -560,7 +581,7 @@ class MoE(nn.Module):
             )
         if backend == "auto":
             slots = routing.expert_ids.shape[1]
-            if variable_k:
+            if keep_TK is not None:
                 slots = min(slots, -(-int(keep_TK.sum()) // max(x_TD.shape[0], 1)))
             backend = choose_backend(
                 x_TD.shape[0], self.ffn_experts, slots, x_TD.device, x_TD.dtype

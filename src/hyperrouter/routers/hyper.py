@@ -5,6 +5,21 @@ Linear(embed_dim, hidden) -> ReLU -> Linear(hidden, E * (d_model + 1)) (weights 
 biases 0). Its output, reshaped to [E, d_model + 1], holds each expert's router weight row followed
 by its bias; logits = x W^T + b, then top-k softmax. Only the embedding trains, so the router moves
 slowly along the directions the fixed hypernetwork allows.
+
+Option `hypernetwork` (default 'frozen', the paper): 'trainable' trains the hypernetwork's two
+Linear layers as well (an ablation: the router then is a freely trainable, over-parameterised
+gate). LibMoE (Nguyen et al. 2024, arXiv 2411.00918; github.com/Fsoft-AIC/LibMoE,
+`moe_model/model/moe/hyperrouter.py`) builds its hypernetwork as a trainable module, but its
+trainer freezes every parameter named `hypernet` when training begins
+(`moe_model/train/llava_trainer.py`, `LLaVACallback.on_train_begin`), so LibMoE trains the
+embedding only, like the paper; its HyperRouter differs from ours in the hidden width,
+d_model // 4 (set `hyper_hidden`; ours defaults to the reference's 256), and in its k, growing
+linearly from `topk_min` 1 to `topk_max` 2 during training (the trainer's
+`top_k_schedule: linear_increase`, same rounding) and `num_selected` in evaluation. Its
+embedding (randn [1, d_model]), the hypernetwork's initialisation (N(0, 0.02), biases 0), the
+[E, d_model + 1] layout of the output and the top-k softmax are ours. Its v2 code (2025) also
+calls the shared balance and z-losses, but unpacks two values from a function returning three,
+so that path cannot run; v1.1 had no auxiliary loss.
 """
 
 from __future__ import annotations
@@ -13,7 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from hyperrouter.routers.base import LogitRouter, freeze_, init_linear_, register_router
+from hyperrouter.routers.base import (
+    LogitRouter,
+    check_option,
+    freeze_,
+    init_linear_,
+    register_router,
+)
+
+HYPERNETWORK_MODES = ("frozen", "trainable")
 
 
 @register_router("hyperrouter")
@@ -22,7 +45,7 @@ class HyperRouter(LogitRouter):
 
     `embed_dim` defaults to d_model (the reference code; the paper calls e low-dimensional) and
     `hyper_hidden` to 256 (what the reference runs use: its --hyper_size flag never reaches
-    the model).
+    the model). `hypernetwork='trainable'` trains the hypernetwork too (see the module docstring).
     """
 
     def __init__(
@@ -33,9 +56,17 @@ class HyperRouter(LogitRouter):
         embed_dim: int | None = None,
         hyper_hidden: int = 256,
         init_std: float = 0.02,
+        hypernetwork: str = "frozen",
         **options,
     ) -> None:
+        check_option(
+            "hypernetwork",
+            hypernetwork,
+            hypernetwork in HYPERNETWORK_MODES,
+            f"one of {', '.join(map(repr, HYPERNETWORK_MODES))}",
+        )
         super().__init__(d_model, num_experts, **options)
+        self.hypernetwork = hypernetwork
         embed_dim = d_model if embed_dim is None else int(embed_dim)
         self.embedding = nn.Parameter(torch.randn(1, embed_dim))
         self.hypernet = nn.Sequential(
@@ -45,7 +76,8 @@ class HyperRouter(LogitRouter):
         )
         for layer in (self.hypernet[0], self.hypernet[2]):
             init_linear_(layer, init_std)
-        freeze_(self.hypernet)
+        if hypernetwork == "frozen":
+            freeze_(self.hypernet)
 
     def router_weight_and_bias(self) -> tuple[Tensor, Tensor]:
         """The generated router parameters: weight [E, d_model] and bias [E]."""

@@ -38,23 +38,32 @@ def cost_and_aiq(
     metric: str,
     by_k: dict[str, float],
     speed: dict[str, float],
+    mean_k: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """Per k: the analytic multiply-adds per token of an evaluation segment and the measured
     milliseconds per 1,000 tokens; and RouterBench's AIQ of quality against each cost, quality
-    being minus the metric (higher is better; `hyperrouter.analysis.aiq`)."""
+    being minus the metric (higher is better; `hyperrouter.analysis.aiq`). `mean_k` (per k, the
+    FFN experts each MoE layer computed per token, measured) replaces k in the multiply-adds
+    where given: routers and options whose tokens use fewer experts than k (top-p, ReMoE, null
+    and zero-computation experts, capacity drops) are charged what they computed."""
     from hyperrouter.analysis.aiq import aiq
     from hyperrouter.cost import Shape, macs_per_token
 
     shape = Shape(config.eval.tgt_len, eval_mem_len(config), config.eval.batch_size)
     moe = bool(model.moe_layers())
+    mean_k = mean_k or {}
     macs = {
-        k: round(sum(macs_per_token(model, shape, int(k) if moe else None).values()), 1)
+        k: round(
+            sum(macs_per_token(model, shape, mean_k.get(k) or int(k) if moe else None).values()),
+            1,
+        )
         for k in by_k
     }
     ms = {k: round(1e6 / speed[k], 4) for k in by_k if speed.get(k)}
     points = {k: -value for k, value in by_k.items() if math.isfinite(value)}
     out: dict[str, Any] = {
         "cost": {"macs_per_token": macs, "ms_per_1000_tokens": ms},
+        **({"mean_k": {k: mean_k[k] for k in by_k if k in mean_k}} if moe and mean_k else {}),
         "aiq": {"quality": f"-{metric}"},
     }
     if points:
@@ -90,9 +99,12 @@ def autocast(device: torch.device, amp: str):
 
 @dataclass
 class EvalResult:
+    """Mean NLL, tokens, seconds, and per MoE layer the FFN experts computed per token."""
+
     loss: float
     tokens: int
     seconds: float
+    mean_k: list[float] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -138,6 +150,8 @@ def evaluate(
             )
         columns = torch.tensor_split(torch.arange(batch_size, device=device), world)[rank]
     total, count, mems = 0.0, 0, []
+    routed = [0] * len(model.moe_layers())
+    pairs = [torch.zeros((), dtype=torch.long, device=device) for _ in routed]
     start = time.perf_counter()
     try:
         for i in range(len(iterator)):
@@ -151,6 +165,9 @@ def evaluate(
             mems = out.mems
             total += out.nll.double().sum().item()
             count += out.nll.numel()
+            for j, moe_out in enumerate(out.moe_outputs):
+                pairs[j] = pairs[j] + moe_out.computed_pairs
+                routed[j] += moe_out.routed_tokens
             if on_batch is not None:
                 on_batch(out)
     finally:
@@ -163,7 +180,15 @@ def evaluate(
             torch.tensor([total, float(count)], dtype=torch.float64, device=device)
         )
         total, count = float(sums[0]), int(sums[1])
-    return EvalResult(total / max(count, 1), count, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    mean_k = [float(p) / max(t, 1) for p, t in zip(pairs, routed)] if routed else None
+    if mean_k is not None and columns is not None:
+        sums = all_reduce_sum(
+            torch.tensor([float(p) for p in pairs] + routed, dtype=torch.float64, device=device)
+        )
+        half = len(pairs)
+        mean_k = [float(sums[j]) / max(float(sums[half + j]), 1.0) for j in range(half)]
+    return EvalResult(total / max(count, 1), count, seconds, mean_k)
 
 
 def eval_mem_len(config: RunConfig) -> int:
@@ -242,7 +267,7 @@ def evaluate_checkpoint(
         check_top_ks(ks, model.num_experts if model.moe_layers() else 1, "--top-k values")
     corpus = load_matching_corpus(run, data)
     device = next(model.parameters()).device
-    by_k, speed = evaluate_at_ks(
+    by_k, speed, mean_k = evaluate_at_ks(
         model, getattr(corpus, split), config, run.kind, ks, device, progress=progress
     )
     metric = metric_name(run.kind)
@@ -251,7 +276,7 @@ def evaluate_checkpoint(
         "split": split,
         "by_top_k": by_k,
         "tokens_per_second": speed,
-        **cost_and_aiq(model, config, metric, by_k, speed),
+        **cost_and_aiq(model, config, metric, by_k, speed, mean_k),
         "checkpoint": str(run.folder),
     }
 
@@ -266,8 +291,9 @@ def evaluate_at_ks(
     on_result=None,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """BPC/perplexity and inference tokens/s of `model` on `data` at every k (keys are str(k)).
+) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
+    """BPC/perplexity, inference tokens/s and measured FFN experts per token of each MoE layer
+    (`EvalResult.mean_k`) of `model` on `data` at every k (keys are str(k)).
 
     `on_result(k, EvalResult)` is called after each k (the trainer logs it). `progress` shows a
     bar over all k values and batches on stderr. `shard`: as in `evaluate`."""
@@ -277,7 +303,7 @@ def evaluate_at_ks(
     bar = tqdm(
         total=len(ks) * batches, desc="evaluate", unit="batch", disable=not progress, leave=False
     )
-    by_k, speed = {}, {}
+    by_k, speed, mean_k = {}, {}, {}
     try:
         for k in ks:
             bar.set_postfix_str(f"k={k}")
@@ -295,8 +321,10 @@ def evaluate_at_ks(
             )
             by_k[str(k)] = metric_value(result.loss, kind)
             speed[str(k)] = result.tokens_per_second
+            if result.mean_k is not None:
+                mean_k[str(k)] = [round(v, 4) for v in result.mean_k]
             if on_result is not None:
                 on_result(k, result)
     finally:
         bar.close()
-    return by_k, speed
+    return by_k, speed, mean_k

@@ -567,7 +567,7 @@ class Run:
                 {"step": self.step, "split": "test", "top_k": k, "loss": result.loss, metric: value}
             )
 
-        by_k, speed = evaluate_at_ks(
+        by_k, speed, mean_k = evaluate_at_ks(
             model,
             self.corpus.test,
             cfg,
@@ -578,7 +578,7 @@ class Run:
             progress=self.progress,
             shard=self._shard,
         )
-        extra = cost_and_aiq(model, cfg, metric, by_k, speed)
+        extra = cost_and_aiq(model, cfg, metric, by_k, speed, mean_k)
         speed["train"] = self.train_tokens / max(self.train_seconds, 1e-9)
         results = {
             "metric": metric,
