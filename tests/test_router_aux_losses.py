@@ -19,8 +19,12 @@ W = 0.5
 NO_BALANCE = {"base", "dense", "expert_choice", "remoe", "sbase", "smear"}  # smear: all experts
 # The Switch loss over the first slot only (GShard's f_i counts first choices).
 FIRST_SLOT_BALANCE = {"gshard", "cosine", "perturbed_cosine", "sigmoid"}
+# Routers that score more choices than experts (null experts, ternary choices): their z-loss is
+# over every choice's logit.
+Z_OVER_CHOICES = {"adamoe", "tc_moe"}
 # A balance loss of the router's own (StableMoE's L_bal), tested in test_routers_v2_more.py.
-OWN_BALANCE = {"stablemoe", "top_p"}  # top_p: f over the kept experts
+# top_p: f over the kept experts; adamoe: null experts as one group; tc_moe: over computed choices
+OWN_BALANCE = {"adamoe", "stablemoe", "tc_moe", "top_p"}
 
 
 def z_options(name: str, weight: float) -> dict:
@@ -62,8 +66,12 @@ def test_every_router_with_logits_offers_the_z_loss_and_a_balance_loss_where_it_
 @pytest.mark.parametrize("name", LOGIT_ROUTERS)
 def test_z_loss_is_in_the_layer_aux_losses_with_its_value(name: str, training: bool) -> None:
     assert "z_loss" not in run(name, training)[2].aux_losses  # off by default
-    _, _, out = run(name, training, **z_options(name, W))
+    layer, x, out = run(name, training, **z_options(name, W))
     expected = W * router_z_loss(out.routing.logits)  # stablemoe stage 1: the backbone scores
+    if name in Z_OVER_CHOICES:  # every choice's logit, not the [T, E] summary the router reports
+        router = layer.router
+        choices = router.choice_logits(x) if name == "tc_moe" else router.gate(x)
+        expected = W * router_z_loss(choices)
     torch.testing.assert_close(out.aux_losses["z_loss"], expected)
     assert out.aux_losses["z_loss"].requires_grad
 
