@@ -217,6 +217,10 @@ class RunConfig:
                 f"unknown train.top_k_schedule {t.top_k_schedule!r}; "
                 f"valid: {', '.join(VALID_SCHEDULES)}"
             )
+        for name in ("constant_experts", "copy_experts", "zero_experts"):
+            value = getattr(moe, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise HyperRouterError(f"moe.{name} must be an integer >= 0, got {value!r}")
         if moe.layers:
             experts = moe.total_experts
             label = f"moe.num_experts={experts}"
