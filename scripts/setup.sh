@@ -4,6 +4,7 @@
 #   bash scripts/setup.sh            # runtime only
 #   bash scripts/setup.sh dev        # + pytest, ruff, matplotlib
 #   bash scripts/setup.sh dev,bench  # + transformers (benchmark peers)
+#   bash scripts/setup.sh hf         # + transformers, tokenizers (integrations, modern decoder)
 #   bash scripts/setup.sh serve      # + FastAPI, uvicorn (hyperrouter serve)
 # When no torch is importable it installs ${TORCH_SPEC:-torch==2.13.0}; users with their own torch
 # keep it. Which build that is depends on where pip looks: on Linux x86-64, PyPI's torch==2.13.0 is

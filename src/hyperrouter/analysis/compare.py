@@ -99,8 +99,8 @@ def method_overrides(method: str, base: RunConfig) -> list[str]:
         settings["model.d_inner"] = base.moe.num_experts * base.moe.d_expert
     if spec.get("d_inner_from_one_expert"):
         settings["model.d_inner"] = base.moe.d_expert
-    if "top_k" in spec:
-        k = int(spec["top_k"])
+    if "top_k" in spec:  # a number, or `all`: every expert of the base (a variable-k router's cap)
+        k = base.moe.total_experts if spec["top_k"] == "all" else int(spec["top_k"])
         settings.update(
             {"train.top_k_schedule": "constant", "train.top_k_min": k, "train.top_k_max": k}
         )
