@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from hyperrouter.errors import HyperRouterError
 from hyperrouter.routers.capacity import capacity_keep_mask, expert_capacity  # noqa: F401
 
-ACTIVATIONS = ("relu", "gelu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 BACKENDS = ("auto", "reference", "grouped", "grouped_mm", "dense")
 
 
@@ -121,6 +121,8 @@ def _activate(activation: str, h: Tensor) -> Tensor:
         return F.relu(h)
     if activation == "gelu":
         return F.gelu(h)
+    if activation == "gelu_tanh":  # GPT-2's gelu_new: the tanh approximation
+        return F.gelu(h, approximate="tanh")
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -345,6 +347,8 @@ def _activation_backward(
         return torch.ops.aten.threshold_backward(grad_a, saved_h, 0)
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad_a, saved_h)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad_a, saved_h, approximate="tanh")
     gate, up = saved_h.chunk(2, dim=-1)
     width = gate.shape[-1]
     grad_h = torch.empty_like(saved_h)

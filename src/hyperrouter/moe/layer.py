@@ -120,7 +120,8 @@ class MoE(nn.Module):
         d_model: model width. num_experts: E. d_hidden: hidden width of each expert.
         top_k: experts per token (1 <= k <= E); change it any time (`layer.top_k = 4`) or per call.
         router: registered router name (`hyperrouter.routers.ROUTERS`); router_options: its options.
-        activation: relu (Transformer-XL default), gelu or swiglu. bias: expert biases.
+        activation: relu (Transformer-XL default), gelu, gelu_tanh (GPT-2's) or swiglu. bias:
+            expert biases.
         dropout: dropout on the expert hidden activations (as in the reference experts).
         backend: auto | reference | grouped | grouped_mm | dense (see hyperrouter.moe.experts).
         capacity_factor: None (default) drops no token; a float c caps each expert at
