@@ -151,6 +151,7 @@ STATEFUL = {
     "stablemoe": {"router": "stablemoe", "router_options": {"switch_step": 6}},
     "rlr": {"router": "rlr", "router_options": {}},
     "hash_balanced": {"router": "hash", "router_options": {"table": "balanced"}},
+    "remoe": {"router": "remoe", "router_options": {"lambda_0": 1e-3}},
 }
 
 
@@ -160,7 +161,8 @@ def test_killed_and_resumed_run_of_a_stateful_router_is_bit_exact(
 ) -> None:
     """Killed right after the step-8 checkpoint and resumed: the same metrics, results and final
     weights and buffers (the aux-free bias, the EMA codebook, the StableMoE stage, RL-R's
-    baseline, the balanced hash table) as the run that was never stopped."""
+    baseline, the balanced hash table, ReMoE's L1 coefficient) as the run that was never
+    stopped."""
     from safetensors.torch import load_file
 
     train = {"steps": 12, "eval_interval": 4, "top_k_min": 2, "top_k_max": 2}
@@ -183,5 +185,6 @@ def test_killed_and_resumed_run_of_a_stateful_router_is_bit_exact(
         "stablemoe": "stage",
         "rlr": "baseline",
         "hash_balanced": "table",
+        "remoe": "l1_coeff",
     }[name]
     assert any(state in key for key in a), sorted(a)
