@@ -209,6 +209,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     model.set_defaults(handler=_bench_model)
 
 
+def _transformer_xl_only(command: str, config) -> None:
+    """Commands built on Transformer-XL's internals (its memory, its softmax module, its layers)
+    refuse the other architectures with one line."""
+    if config.model.arch != "transformer_xl":
+        raise HyperRouterError(
+            f"{command} supports model.arch transformer_xl only, not {config.model.arch} "
+            f"(train, eval, compare and analyze support every arch)"
+        )
+
+
 def _bench_model(args: argparse.Namespace) -> int:
     import torch
 
@@ -228,8 +238,10 @@ def _bench_model(args: argparse.Namespace) -> int:
             raise HyperRouterError("--set applies to --config only (a run keeps its own config)")
         run = load_trained(args.path, device=device)
         model, config = run.model, run.config
+        _transformer_xl_only("bench model", config)
     else:
         config = load_config(args.config, args.overrides)
+        _transformer_xl_only("bench model", config)
         torch.manual_seed(config.train.seed)
         model = config.build_model(args.vocab_size).to(device)
     records = bench_model.run_model_bench(
@@ -285,6 +297,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if args.json else run_dir / "serve" / "bench.json"
     check_writable(json_path, "--json", folder=False)
     run = load_trained(args.run)
+    _transformer_xl_only("bench serve", run.config)
     engine = Engine(run, max_tokens_limit=max(512, args.max_tokens or 0))
     policies = {
         label: build_policy(
@@ -712,6 +725,7 @@ def _adaptive(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "adaptive.json"
     check_writable(out, "--out", folder=False)
     run = load_trained(args.run)
+    _transformer_xl_only("adaptive", run.config)
     model = run.model
     if not model.moe_layers():
         raise HyperRouterError(f"{args.run} is a dense model: there is no k to choose")
@@ -839,6 +853,7 @@ def _serve(args: argparse.Namespace) -> int:
     run_dir = run_folder(target[0])
     policy_file = Path(args.policy_file) if args.policy_file else run_dir / "serve" / "policy.json"
     run = load_trained(target[0])
+    _transformer_xl_only("serve", run.config)
     engine = Engine(run, max_prompt=args.max_prompt, max_tokens_limit=args.max_tokens_limit)
     if training:
         from hyperrouter.serve.profile import format_simulation, train_policy

@@ -162,7 +162,8 @@ class Sweep:
                     apply_overrides(cell_raw, [*method_overrides(m, cell_base), f"train.seed={s}"])
                 )
         # bad data fails here, before anything is written
-        load_corpus(self.base.data.path, kind=self.base.data.kind)
+        data_cfg = self.base.data
+        load_corpus(data_cfg.path, kind=data_cfg.kind, vocab_size=data_cfg.vocab_size)
         distributed.on_main(self._check_or_create)
 
     # ------------------------------------------------------------------ sweep folder
@@ -176,6 +177,8 @@ class Sweep:
         path = self.out / SWEEP_FILE
         if path.is_file():
             stored = ckpt.read_json(path)
+            if stored.get("base"):  # with the keys added since it was written, at their defaults
+                stored["base"] = _normalized_base(stored["base"])
             if stored.get("base") != self._identity()["base"]:
                 diff = config_diff(
                     stored.get("base") or {}, self._identity()["base"], (), ("sweep", "given")
@@ -344,6 +347,17 @@ class Sweep:
         return summary
 
 
+def _normalized_base(base: dict[str, Any]) -> dict[str, Any]:
+    """A stored base config as this version writes it (keys added since, at their defaults)."""
+    try:
+        full = config_from_dict(base).to_dict()
+    except HyperRouterError:
+        return base
+    full.pop("name", None)
+    full.pop("description", None)
+    return full
+
+
 def _first_differences(have: dict, want: dict, prefix: str = "", limit: int = 3) -> str:
     diffs: list[str] = []
 
@@ -444,7 +458,8 @@ def _valid_curve(path: Path) -> list[tuple[int, float]]:
         all_experts = record.get("checkpoint") == "best_all_experts"
         dense = record.get("top_k") is None
         if all_experts or dense:
-            points.append((record["step"], record.get("bpc", record.get("ppl"))))
+            value = next(record[key] for key in ("bpc", "bpb", "ppl") if key in record)
+            points.append((record["step"], value))
     return points
 
 

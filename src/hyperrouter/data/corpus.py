@@ -14,8 +14,8 @@ Where the text comes from (`load_corpus(path)`):
   `.char.` set and the other kinds the other one.
 
 Which tokenizer (`kind`): "auto" picks word level for WikiText token files (`wiki.*.tokens`) and PTB
-word files (`ptb.*.txt`, not `ptb.char.*`), character level for everything else; "char" and "word"
-force it.
+word files (`ptb.*.txt`, not `ptb.char.*`), character level for everything else; "char", "word"
+and "bpe" force it.
 
 - Character level: the corpus is read as raw bytes (enwik8 is XML bytes, the convention of
   bits-per-character results); the vocabulary is every byte value occurring in any split, in byte
@@ -24,11 +24,15 @@ force it.
   line is split on whitespace and gets `<eos>` appended, blank lines included (they are article
   breaks in WikiText); the vocabulary comes from the train split only, most frequent first;
   valid/test words missing from it become `<unk>`.
+- Sub-word level ("bpe"): a byte-level BPE tokenizer of `vocab_size` symbols trained on the train
+  split (cached; see hyperrouter.data.bpe), or the `tokenizer` given (a run's own tokenizer.json,
+  so a run is evaluated and resumed with the tokenizer it was trained with); any layout.
 
 Tokenized corpora are cached under `<cache>/corpora/<content_hash>/` (`.npy` token arrays + the
 vocabulary as JSON), where the cache is `cache_dir`, else $HYPERROUTER_CACHE, else
 $XDG_CACHE_HOME/hyperrouter or ~/.cache/hyperrouter. The hash covers the input bytes, the tokenizer
-settings and TOKENIZER_VERSION, so an edited file is never served stale. Entries are written to a
+settings (for bpe: the tokenizer's JSON) and TOKENIZER_VERSION, so an edited file is never served
+stale. Entries are written to a
 temporary folder renamed into place (a killed run leaves none half-written); an unreadable entry
 is rebuilt.
 """
@@ -51,13 +55,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hyperrouter.data import builtin
+from hyperrouter.data import bpe, builtin
 from hyperrouter.data.vocab import EOS, Vocab
 from hyperrouter.errors import HyperRouterError
 
 TOKENIZER_VERSION = 2  # bump whenever tokenization changes, so old cache entries are not reused
 SPLITS = ("train", "valid", "test")
-KINDS = ("auto", "char", "word")
+KINDS = ("auto", "char", "word", "bpe")
 ACCEPTED_NAMES = (
     "train.txt valid.txt test.txt, wiki.train.tokens wiki.valid.tokens wiki.test.tokens (or .raw), "
     "ptb.train.txt ptb.valid.txt ptb.test.txt; 'dev' may name valid, parts like "
@@ -74,7 +78,7 @@ class Corpus:
     """A tokenized corpus: three 1-D int64 token streams sharing one vocabulary."""
 
     name: str
-    kind: str  # "char" or "word"
+    kind: str  # "char", "word" or "bpe"
     vocab: Vocab
     train: Tensor
     valid: Tensor
@@ -196,11 +200,15 @@ def load_corpus(
     *,
     min_freq: int = 1,
     max_size: int | None = None,
+    vocab_size: int = 1024,
+    tokenizer: str | None = None,
 ) -> Corpus:
     """Load a corpus (see the module docstring for layouts, tokenizers and the cache).
 
     cache_dir: a folder; None or True for the default cache; False for no caching.
     min_freq, max_size: word-level vocabulary limits (ignored at character level).
+    vocab_size: symbols of a BPE tokenizer trained for kind bpe; tokenizer: a tokenizer.json's
+    text to use instead (kind bpe only).
     """
     if kind not in KINDS:
         raise HyperRouterError(f"corpus kind {kind!r} is not valid; use one of {', '.join(KINDS)}")
@@ -208,9 +216,11 @@ def load_corpus(
     if path is None:
         if kind == "word":
             raise HyperRouterError(
-                "the built-in corpus (data path None) is character level; use kind char or auto"
+                "the built-in corpus (data path None) is character level; use kind char, bpe or "
+                "auto"
             )
-        kind, name, source = "char", builtin.NAME, builtin.SOURCE
+        kind = "bpe" if kind == "bpe" else "char"
+        name, source = builtin.NAME, builtin.SOURCE
         raw = _split_single(builtin.builtin_corpus_bytes(), builtin.NAME)
     else:
         p = Path(path).expanduser()
@@ -231,22 +241,31 @@ def load_corpus(
                     f"{p} is a single file, which is read as a character corpus; a word-level "
                     f"corpus needs a folder with train/valid/test files"
                 )
-            kind = "char"
+            kind = "bpe" if kind == "bpe" else "char"
             raw = _split_single(_read_file(p), str(p))
+    root = None
+    if cache_dir is not False:
+        root = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir).expanduser()
     options = {"kind": kind, "version": TOKENIZER_VERSION}
     if kind == "word":
         options.update(min_freq=min_freq, max_size=max_size)
+    if kind == "bpe":
+        if tokenizer is None:
+            tokenizer = bpe.cached_tokenizer(raw["train"], vocab_size, root)
+        options["tokenizer"] = bpe.fingerprint(tokenizer)
     content_hash = _content_hash(raw, options)
 
     entry = None
-    if cache_dir is not False:
-        root = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir).expanduser()
+    if root is not None:
         entry = root / "corpora" / content_hash
         cached = _read_cache(entry, content_hash)
         if cached is not None:
             return _corpus(name, kind, *cached, source, content_hash)
 
-    vocab, arrays = _tokenize(kind, raw, files, source, min_freq=min_freq, max_size=max_size)
+    if kind == "bpe":
+        vocab, arrays = bpe.tokenize(tokenizer, raw)
+    else:
+        vocab, arrays = _tokenize(kind, raw, files, source, min_freq=min_freq, max_size=max_size)
     for s in SPLITS:
         if arrays[s].size < 2:
             where = ", ".join(str(f) for f in files[s]) if files else source

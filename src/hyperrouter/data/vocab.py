@@ -11,6 +11,9 @@ trained on.
   appearance (adaptive softmax cutoffs rely on frequent words having small ids). `<eos>` is counted
   like a word (one per line) and `<unk>` is always present: corpora such as WikiText contain literal
   `<unk>` tokens, which share its id with every out-of-vocabulary word.
+- kind "bpe": the symbols of a byte-level BPE tokenizer in id order (`hyperrouter.data.bpe`), with
+  the tokenizer's JSON (`tokenizer`, saved with the vocabulary) that encodes and decodes; counts are
+  occurrences in the training split. Every byte is a symbol: there is no `<unk>` (`unk_id` None).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from hyperrouter.errors import HyperRouterError
 UNK = "<unk>"
 EOS = "<eos>"
 SPECIALS = (UNK, EOS)
-KINDS = ("char", "word")
+KINDS = ("char", "word", "bpe")
 _NEWLINE = re.compile(r"\r\n|\r|\n")
 _REPLACEMENT = "\ufffd".encode()  # how <unk> is shown when char ids are decoded
 
@@ -43,9 +46,15 @@ def split_lines(text: str) -> list[str]:
 class Vocab:
     """Symbols with counts; `stoi` maps a symbol to its id (see the module docstring)."""
 
-    def __init__(self, kind: str, symbols: Sequence[Any], counts: Sequence[int]) -> None:
+    def __init__(
+        self,
+        kind: str,
+        symbols: Sequence[Any],
+        counts: Sequence[int],
+        tokenizer: str | None = None,
+    ) -> None:
         if kind not in KINDS:
-            raise HyperRouterError(f"vocabulary kind {kind!r} is not valid; use char or word")
+            raise HyperRouterError(f"vocabulary kind {kind!r} is not valid; use char, word or bpe")
         if len(symbols) != len(counts):
             raise HyperRouterError(
                 f"vocabulary has {len(symbols)} symbols but {len(counts)} counts; they must match"
@@ -56,11 +65,18 @@ class Vocab:
         self.stoi: dict[Any, int] = {s: i for i, s in enumerate(self.symbols)}
         if len(self.stoi) != len(self.symbols):
             raise HyperRouterError("vocabulary has duplicate symbols; each symbol must occur once")
-        if UNK not in self.stoi:
+        if UNK not in self.stoi and kind != "bpe":
             raise HyperRouterError(f"vocabulary has no {UNK} symbol; every vocabulary needs one")
-        self.unk_id: int = self.stoi[UNK]
+        self.unk_id: int | None = self.stoi.get(UNK)
         self.eos_id: int | None = self.stoi.get(EOS)
-        if kind == "char":
+        self.tokenizer = tokenizer
+        self._tokenizer = None  # the loaded tokenizers.Tokenizer (bpe), made on first use
+        if kind == "bpe":
+            if not isinstance(tokenizer, str) or not all(isinstance(s, str) for s in self.symbols):
+                raise HyperRouterError(
+                    "a bpe vocabulary needs string symbols and its tokenizer's JSON text"
+                )
+        elif kind == "char":
             bad = [s for s in self.symbols if s != UNK and not (type(s) is int and 0 <= s < 256)]
             if bad:
                 raise HyperRouterError(
@@ -78,7 +94,28 @@ class Vocab:
         return len(self.symbols)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocab) and (self.kind, self.symbols) == (other.kind, other.symbols)
+        return isinstance(other, Vocab) and (self.kind, self.symbols, self.tokenizer) == (
+            other.kind,
+            other.symbols,
+            other.tokenizer,
+        )
+
+    @property
+    def token_bytes(self) -> np.ndarray | None:
+        """UTF-8 bytes each id stands for (bpe; int64 [V]); None for char and word vocabularies
+        (a char id is one byte, a word has no fixed byte length)."""
+        if self.kind != "bpe":
+            return None
+        from hyperrouter.data.bpe import symbol_bytes
+
+        return np.array([len(symbol_bytes(s)) for s in self.symbols], dtype=np.int64)
+
+    def _bpe(self):
+        if self._tokenizer is None:
+            from hyperrouter.data.bpe import load
+
+            self._tokenizer = load(self.tokenizer)
+        return self._tokenizer
 
     def __repr__(self) -> str:
         head = ", ".join(repr(s) for s in self.symbols[:5])
@@ -145,7 +182,7 @@ class Vocab:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, text: str | bytes, add_eos: bool = False) -> list[int]:
-        """Ids of `text`: its UTF-8 bytes (char) or whitespace words (word).
+        """Ids of `text`: its UTF-8 bytes (char), whitespace words (word) or BPE tokens (bpe).
 
         For word vocabularies `add_eos=True` ends every line with `<eos>`, exactly as corpora
         are tokenized; the default encodes the words only (e.g. a classification example).
@@ -153,6 +190,11 @@ class Vocab:
         if self.kind == "char":
             data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
             return self.byte_table[np.frombuffer(data, dtype=np.uint8)].tolist()
+        if self.kind == "bpe":
+            from hyperrouter.data.bpe import encode, text_of
+
+            text = text_of(bytes(text)) if isinstance(text, (bytes, bytearray)) else text
+            return encode(self._bpe(), text).tolist()
         text = text.decode("utf-8") if isinstance(text, bytes) else text
         if not add_eos:
             return self.encode_line(text, add_eos=False)
@@ -169,28 +211,35 @@ class Vocab:
         return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The bytes of character ids; `<unk>` becomes U+FFFD (the replacement character)."""
+        """The bytes of character or BPE ids; `<unk>` becomes U+FFFD (the replacement character)."""
+        if self.kind == "bpe":
+            from hyperrouter.data.bpe import symbol_bytes
+
+            return b"".join(symbol_bytes(self.symbols[int(i)]) for i in ids)
         if self.kind != "char":
-            raise HyperRouterError("decode_bytes needs a character vocabulary; use decode")
+            raise HyperRouterError("decode_bytes needs a character or bpe vocabulary; use decode")
         pieces = [bytes([s]) if s != UNK else _REPLACEMENT for s in self.symbols]
         return b"".join(pieces[int(i)] for i in ids)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`: bytes decoded as UTF-8 (char) or words joined by spaces (word)."""
-        if self.kind == "char":
+        """Text of `ids`: bytes decoded as UTF-8 (char, bpe) or words joined by spaces (word)."""
+        if self.kind in ("char", "bpe"):
             return self.decode_bytes(ids).decode("utf-8", errors="replace")
         return " ".join(self.symbols[int(i)] for i in ids)
 
     # ------------------------------------------------------------------ saving
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able form, saved next to checkpoints."""
-        return {"kind": self.kind, "symbols": list(self.symbols), "counts": list(self.counts)}
+        """A JSON-able form, saved next to checkpoints (with the tokenizer of a bpe vocabulary)."""
+        out = {"kind": self.kind, "symbols": list(self.symbols), "counts": list(self.counts)}
+        if self.kind == "bpe":
+            out["tokenizer"] = self.tokenizer
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Vocab:
         """Inverse of `to_dict`."""
         try:
-            return cls(data["kind"], data["symbols"], data["counts"])
+            return cls(data["kind"], data["symbols"], data["counts"], data.get("tokenizer"))
         except (KeyError, TypeError) as err:
             raise HyperRouterError(
                 f"vocabulary data is malformed ({err!r}); expected keys kind, symbols, counts"

@@ -65,10 +65,23 @@ class MoEConfig:
         return self.num_experts * self.granularity + zc
 
 
+ARCHS = ("transformer_xl", "qwen3")
+
+
 @dataclass
 class ModelConfig:
-    """Transformer-XL sizes; defaults are the paper's 4-layer enwik8 model."""
+    """The model: its architecture and sizes; defaults are the paper's 4-layer enwik8
+    Transformer-XL.
 
+    `arch`: transformer_xl (this module) or qwen3 (`hyperrouter.models.decoder`: a Qwen3-style
+    pre-RMSNorm decoder with RoPE, grouped-query attention and SwiGLU MLPs from transformers). Both
+    read n_layer, n_head, d_head (head_dim), d_model (hidden size), d_inner (the dense MLP width of
+    the layers that are not MoE), dropout, dropatt, tie_weight and init_std; qwen3 reads also
+    n_kv_head (key/value heads; None: n_head), rope_theta and rms_norm_eps; the other keys are
+    Transformer-XL's.
+    """
+
+    arch: str = "transformer_xl"
     n_layer: int = 4
     n_head: int = 8
     d_head: int = 64
@@ -86,6 +99,48 @@ class ModelConfig:
     clamp_len: int = -1
     init_std: float = 0.02
     proj_init_std: float = 0.01
+    n_kv_head: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+
+def moe_layer(
+    d_model: int,
+    moe: MoEConfig,
+    top_k: int | None,
+    *,
+    dropout: float,
+    init_std: float,
+    bias: bool = True,
+) -> MoE:
+    """The `hyperrouter.MoE` of one MoE layer as `moe` describes it (k: `top_k`, or every expert
+    when None), for a model of width d_model."""
+    return MoE(
+        d_model,
+        moe.num_experts,
+        moe.d_expert,
+        moe.total_experts if top_k is None else top_k,
+        router=moe.router,
+        router_options=moe.router_options,
+        activation=moe.activation,
+        bias=bias,
+        dropout=dropout,
+        backend=moe.backend,
+        capacity_factor=moe.capacity_factor,
+        init_std=init_std,
+        granularity=moe.granularity,
+        shared_experts=moe.shared_experts,
+        shared_mix=moe.shared_mix,
+        second_router=moe.second_router,
+        second_router_options=moe.second_router_options,
+        second_top_k=moe.second_top_k,
+        constant_experts=moe.constant_experts,
+        copy_experts=moe.copy_experts,
+        zero_experts=moe.zero_experts,
+        gating_residual=moe.gating_residual,
+        zc_balance_loss_weight=moe.zc_balance_loss_weight,
+        zc_tau=moe.zc_tau,
+    )
 
 
 @dataclass
@@ -303,31 +358,7 @@ class TransformerXL(nn.Module):
         for i in range(c.n_layer):
             layer_moe = None
             if i in moe.layers:
-                layer_moe = MoE(
-                    c.d_model,
-                    moe.num_experts,
-                    moe.d_expert,
-                    moe.total_experts if top_k is None else top_k,
-                    router=moe.router,
-                    router_options=moe.router_options,
-                    activation=moe.activation,
-                    dropout=c.dropout,
-                    backend=moe.backend,
-                    capacity_factor=moe.capacity_factor,
-                    init_std=c.init_std,
-                    granularity=moe.granularity,
-                    shared_experts=moe.shared_experts,
-                    shared_mix=moe.shared_mix,
-                    second_router=moe.second_router,
-                    second_router_options=moe.second_router_options,
-                    second_top_k=moe.second_top_k,
-                    constant_experts=moe.constant_experts,
-                    copy_experts=moe.copy_experts,
-                    zero_experts=moe.zero_experts,
-                    gating_residual=moe.gating_residual,
-                    zc_balance_loss_weight=moe.zc_balance_loss_weight,
-                    zc_tau=moe.zc_tau,
-                )
+                layer_moe = moe_layer(c.d_model, moe, top_k, dropout=c.dropout, init_std=c.init_std)
             self.layers.append(DecoderLayer(c, layer_moe))
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, c.d_model, cutoffs, div_val)
         self._init_weights()

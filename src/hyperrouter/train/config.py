@@ -19,13 +19,16 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from hyperrouter.errors import HyperRouterError
-from hyperrouter.models.transformer_xl import ModelConfig, MoEConfig, TransformerXL
+from hyperrouter.models.transformer_xl import ARCHS, ModelConfig, MoEConfig, TransformerXL
 from hyperrouter.moe.schedules import ELASTIC_SCHEDULES, VALID_SCHEDULES, top_k_at
+
+if TYPE_CHECKING:
+    from hyperrouter.models.decoder import Qwen3Decoder
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -48,10 +51,13 @@ def load_yaml(text: str) -> Any:
 
 @dataclass
 class DataConfig:
-    """Where the text comes from. path None means the built-in corpus (tiny Shakespeare)."""
+    """Where the text comes from. path None means the built-in corpus (tiny Shakespeare). kind:
+    auto, char, word or bpe (`hyperrouter.data.corpus`); vocab_size: the symbols of the byte-level
+    BPE tokenizer trained on the training split for kind bpe (unused by the other kinds)."""
 
     path: str | None = None
     kind: str = "auto"
+    vocab_size: int = 1024
 
 
 @dataclass
@@ -141,9 +147,19 @@ class RunConfig:
             return self.train.top_k_max
         return self.train_top_k(self.train.steps)
 
-    def build_model(self, n_token: int) -> TransformerXL:
-        """The model this config describes, at the schedule's first k."""
+    def build_model(self, n_token: int) -> TransformerXL | Qwen3Decoder:
+        """The model this config describes (model.arch), at the schedule's first k."""
         moe = self.moe if self.moe.layers else None
+        if self.model.arch == "qwen3":
+            from hyperrouter.models.decoder import Qwen3Decoder
+
+            return Qwen3Decoder(
+                n_token,
+                self.model,
+                moe,
+                max_len=max(self.train.tgt_len, self.eval.tgt_len),
+                top_k=self.train_top_k(0) if moe is not None else None,
+            )
         return TransformerXL(
             n_token,
             self.model,
@@ -240,9 +256,64 @@ class RunConfig:
             raise HyperRouterError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
         if t.amp not in ("none", "bf16"):
             raise HyperRouterError(f"train.amp must be none or bf16, got {t.amp!r}")
-        if self.data.kind not in ("auto", "char", "word"):
-            raise HyperRouterError(f"data.kind must be auto, char or word, got {self.data.kind!r}")
+        if self.data.kind not in ("auto", "char", "word", "bpe"):
+            raise HyperRouterError(
+                f"data.kind must be auto, char, word or bpe, got {self.data.kind!r}"
+            )
+        if self.data.kind == "bpe" and self.data.vocab_size < 257:
+            raise HyperRouterError(
+                f"data.vocab_size must be >= 257 for data.kind bpe (the 256 byte symbols and at "
+                f"least one merge), got {self.data.vocab_size}"
+            )
+        self._validate_arch()
         return self
+
+    def _validate_arch(self) -> None:
+        """model.arch is known, and the keys of the other architecture keep their defaults."""
+        m = self.model
+        if m.arch not in ARCHS:
+            raise HyperRouterError(f"unknown model.arch {m.arch!r}; valid: {', '.join(ARCHS)}")
+        defaults = ModelConfig()
+        others = QWEN3_ONLY if m.arch == "transformer_xl" else TRANSFORMER_XL_ONLY
+        for key in others:
+            if getattr(m, key) != getattr(defaults, key):
+                owner = "qwen3" if key in QWEN3_ONLY else "transformer_xl"
+                raise HyperRouterError(
+                    f"model.{key} is a model.arch {owner} setting but model.arch is {m.arch}: "
+                    f"remove it or set model.arch={owner}"
+                )
+        if m.arch != "qwen3":
+            return
+        if self.train.mem_len != 0:
+            raise HyperRouterError(
+                f"model.arch qwen3 keeps no recurrence memory: set train.mem_len=0 "
+                f"(got {self.train.mem_len})"
+            )
+        kv = m.n_kv_head if m.n_kv_head is not None else m.n_head
+        if kv < 1 or m.n_head % kv:
+            raise HyperRouterError(
+                f"model.n_kv_head must divide model.n_head={m.n_head}, got {m.n_kv_head}"
+            )
+        for name, value in (
+            ("model.rope_theta", m.rope_theta),
+            ("model.rms_norm_eps", m.rms_norm_eps),
+        ):
+            if value <= 0:
+                raise HyperRouterError(f"{name} must be > 0, got {value:g}")
+
+
+# model keys that only one architecture reads (`ModelConfig`)
+QWEN3_ONLY = ("n_kv_head", "rope_theta", "rms_norm_eps")
+TRANSFORMER_XL_ONLY = (
+    "d_embed",
+    "adaptive",
+    "cutoffs",
+    "div_val",
+    "tie_projs",
+    "same_length",
+    "clamp_len",
+    "proj_init_std",
+)
 
 
 def check_top_ks(ks, experts: int, name: str) -> None:

@@ -1,5 +1,10 @@
-"""Evaluation: BPC / perplexity of a language model at any number of experts, and loading a
-trained checkpoint back for `hyperrouter eval`, `compare` and `analyze`."""
+"""Evaluation: BPC / perplexity / bits per byte of a language model at any number of experts, and
+loading a trained checkpoint back for `hyperrouter eval`, `compare` and `analyze`.
+
+The metric follows the corpus kind: bits per character (`bpc`, char), perplexity (`ppl`, word),
+and for sub-word corpora (bpe) bits per byte (`bpb` = the total NLL in bits / the UTF-8 bytes of
+the evaluated target tokens), which compares with a character model's BPC on the same text; bpe
+evaluations report the token perplexity (`ppl`) beside it (`record_metrics`)."""
 
 from __future__ import annotations
 
@@ -23,13 +28,42 @@ from hyperrouter.train.config import RunConfig, check_top_ks, config_from_dict
 
 
 def metric_name(kind: str) -> str:
-    """bpc for character corpora, ppl for word corpora."""
-    return "bpc" if kind == "char" else "ppl"
+    """bpc for character corpora, bpb for sub-word (bpe) corpora, ppl for word corpora."""
+    return {"char": "bpc", "bpe": "bpb"}.get(kind, "ppl")
 
 
-def metric_value(loss: float, kind: str) -> float:
-    """BPC = loss / ln 2 (nats per character to bits); perplexity = exp(loss)."""
+def metric_value(loss: float, kind: str, bytes_per_token: float | None = None) -> float:
+    """BPC = loss / ln 2 (nats per character to bits); BPB = loss / ln 2 / the evaluated text's
+    UTF-8 bytes per token (bpe; needs `bytes_per_token`); perplexity = exp(loss)."""
+    if kind == "bpe":
+        if not bytes_per_token:
+            raise HyperRouterError("bits per byte needs the bytes per token of the evaluated text")
+        return loss / math.log(2) / bytes_per_token
     return loss / math.log(2) if kind == "char" else math.exp(min(loss, 700.0))
+
+
+def record_metrics(result: EvalResult, kind: str) -> dict[str, float]:
+    """The metric values of one evaluation by name: {"bpc"} (char), {"ppl"} (word), {"bpb",
+    "ppl"} (bpe: bits per byte, and the token perplexity)."""
+    main = metric_value(result.loss, kind, result.bytes_per_token)
+    if kind != "bpe":
+        return {metric_name(kind): main}
+    return {"bpb": main, "ppl": metric_value(result.loss, "word")}
+
+
+def token_byte_lengths(vocab: Vocab) -> Tensor | None:
+    """UTF-8 bytes of each token id of a bpe vocabulary (None for char and word ones)."""
+    lengths = vocab.token_bytes
+    return None if lengths is None else torch.from_numpy(lengths)
+
+
+def bytes_per_token(vocab: Vocab, tokens: Tensor) -> float | None:
+    """Mean UTF-8 bytes of the tokens `tokens` of a bpe vocabulary (None for char and word)."""
+    lengths = token_byte_lengths(vocab)
+    if lengths is None or tokens.numel() == 0:
+        return None
+    counts = torch.bincount(tokens.reshape(-1).long().cpu(), minlength=len(lengths))
+    return float((counts * lengths).sum()) / tokens.numel()
 
 
 def cost_and_aiq(
@@ -52,11 +86,10 @@ def cost_and_aiq(
     shape = Shape(config.eval.tgt_len, eval_mem_len(config), config.eval.batch_size)
     moe = bool(model.moe_layers())
     mean_k = mean_k or {}
+    own = getattr(model, "macs_per_token", None)  # a model other than Transformer-XL counts its own
+    count = own if own is not None else lambda *args: macs_per_token(model, *args)
     macs = {
-        k: round(
-            sum(macs_per_token(model, shape, mean_k.get(k) or int(k) if moe else None).values()),
-            1,
-        )
+        k: round(sum(count(shape, mean_k.get(k) or int(k) if moe else None).values()), 1)
         for k in by_k
     }
     ms = {k: round(1e6 / speed[k], 4) for k in by_k if speed.get(k)}
@@ -99,16 +132,22 @@ def autocast(device: torch.device, amp: str):
 
 @dataclass
 class EvalResult:
-    """Mean NLL, tokens, seconds, and per MoE layer the FFN experts computed per token."""
+    """Mean NLL, tokens, seconds, per MoE layer the FFN experts computed per token, and the UTF-8
+    bytes of the target tokens (when `evaluate` was given their lengths: bpe)."""
 
     loss: float
     tokens: int
     seconds: float
     mean_k: list[float] | None = None
+    bytes: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        return None if self.bytes is None else self.bytes / max(self.tokens, 1)
 
 
 @torch.no_grad()
@@ -125,8 +164,12 @@ def evaluate(
     amp: str = "none",
     on_batch=None,
     shard: tuple[int, int] | None = None,
+    token_bytes: Tensor | None = None,
 ) -> EvalResult:
     """Mean NLL (nats/token) over `data` in order, with recurrence memory, at `top_k` experts.
+
+    `token_bytes` ([V] UTF-8 bytes per token id, bpe) also counts the bytes of the target tokens
+    (`EvalResult.bytes`, for bits per byte).
 
     `on_batch(output)` is called with every LMOutput (for routing statistics). `shard` = (rank,
     world size) splits the batch columns over the ranks of torch.distributed (every rank runs the
@@ -150,6 +193,10 @@ def evaluate(
             )
         columns = torch.tensor_split(torch.arange(batch_size, device=device), world)[rank]
     total, count, mems = 0.0, 0, []
+    nbytes = None
+    if token_bytes is not None:
+        token_bytes = token_bytes.to(device)
+        nbytes = torch.zeros((), dtype=torch.long, device=device)
     routed = [0] * len(model.moe_layers())
     pairs = [torch.zeros((), dtype=torch.long, device=device) for _ in routed]
     start = time.perf_counter()
@@ -165,6 +212,8 @@ def evaluate(
             mems = out.mems
             total += out.nll.double().sum().item()
             count += out.nll.numel()
+            if nbytes is not None:
+                nbytes += token_bytes[target].sum()
             for j, moe_out in enumerate(out.moe_outputs):
                 pairs[j] = pairs[j] + moe_out.computed_pairs
                 routed[j] += moe_out.routed_tokens
@@ -175,11 +224,16 @@ def evaluate(
         if old_k is not None:
             model.set_top_k(old_k)
         model.train(was_training)
+    if nbytes is not None:
+        nbytes = int(nbytes)
     if columns is not None:
         sums = all_reduce_sum(
-            torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+            torch.tensor(
+                [total, float(count), float(nbytes or 0)], dtype=torch.float64, device=device
+            )
         )
         total, count = float(sums[0]), int(sums[1])
+        nbytes = None if nbytes is None else int(sums[2])
     seconds = time.perf_counter() - start
     mean_k = [float(p) / max(t, 1) for p, t in zip(pairs, routed)] if routed else None
     if mean_k is not None and columns is not None:
@@ -188,7 +242,7 @@ def evaluate(
         )
         half = len(pairs)
         mean_k = [float(sums[j]) / max(float(sums[half + j]), 1.0) for j in range(half)]
-    return EvalResult(total / max(count, 1), count, seconds, mean_k)
+    return EvalResult(total / max(count, 1), count, seconds, mean_k, nbytes)
 
 
 def eval_mem_len(config: RunConfig) -> int:
@@ -239,7 +293,8 @@ def load_trained(
 def load_matching_corpus(run: LoadedRun, data: str | None) -> Corpus:
     """The corpus to evaluate on: `data` or the run's own, with the run's vocabulary."""
     path = data if data is not None else run.config.data.path
-    corpus = load_corpus(path, kind=run.kind)
+    tokenizer = run.vocab.tokenizer if run.kind == "bpe" else None
+    corpus = load_corpus(path, kind=run.kind, tokenizer=tokenizer)
     if corpus.vocab != run.vocab:
         raise HyperRouterError(
             f"the data at {path or 'the built-in corpus'} has a different vocabulary than the "
@@ -267,18 +322,38 @@ def evaluate_checkpoint(
         check_top_ks(ks, model.num_experts if model.moe_layers() else 1, "--top-k values")
     corpus = load_matching_corpus(run, data)
     device = next(model.parameters()).device
-    by_k, speed, mean_k = evaluate_at_ks(
-        model, getattr(corpus, split), config, run.kind, ks, device, progress=progress
-    )
     metric = metric_name(run.kind)
+    others: dict[str, dict[str, float]] = {}
+    by_k, speed, mean_k = evaluate_at_ks(
+        model,
+        getattr(corpus, split),
+        config,
+        run.kind,
+        ks,
+        device,
+        on_result=lambda k, result: secondary_metrics(others, k, result, run.kind),
+        progress=progress,
+        token_bytes=token_byte_lengths(run.vocab),
+    )
     return {
         "metric": metric,
         "split": split,
         "by_top_k": by_k,
+        **others,
         "tokens_per_second": speed,
         **cost_and_aiq(model, config, metric, by_k, speed, mean_k),
         "checkpoint": str(run.folder),
     }
+
+
+def secondary_metrics(
+    into: dict[str, dict[str, float]], k: int, result: EvalResult, kind: str
+) -> None:
+    """Add the metrics other than the main one (bpe: the perplexity) of the evaluation at `k` to
+    `into` as `<name>_by_top_k` (results.json keys beside `by_top_k`)."""
+    for name, value in record_metrics(result, kind).items():
+        if name != metric_name(kind):
+            into.setdefault(f"{name}_by_top_k", {})[str(k)] = value
 
 
 def evaluate_at_ks(
@@ -291,12 +366,13 @@ def evaluate_at_ks(
     on_result=None,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
+    token_bytes: Tensor | None = None,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
     """BPC/perplexity, inference tokens/s and measured FFN experts per token of each MoE layer
     (`EvalResult.mean_k`) of `model` on `data` at every k (keys are str(k)).
 
     `on_result(k, EvalResult)` is called after each k (the trainer logs it). `progress` shows a
-    bar over all k values and batches on stderr. `shard`: as in `evaluate`."""
+    bar over all k values and batches on stderr. `shard`, `token_bytes`: as in `evaluate`."""
     from tqdm.auto import tqdm
 
     batches = len(LMOrderedIterator(data, config.eval.batch_size, config.eval.tgt_len))
@@ -318,8 +394,9 @@ def evaluate_at_ks(
                 amp=config.train.amp,
                 on_batch=lambda _: bar.update(1),
                 shard=shard,
+                token_bytes=token_bytes,
             )
-            by_k[str(k)] = metric_value(result.loss, kind)
+            by_k[str(k)] = metric_value(result.loss, kind, result.bytes_per_token)
             speed[str(k)] = result.tokens_per_second
             if result.mean_k is not None:
                 mean_k[str(k)] = [round(v, 4) for v in result.mean_k]

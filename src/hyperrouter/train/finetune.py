@@ -230,8 +230,17 @@ class Prepared:
     init: dict[str, Any]
 
 
+def _check_transformer_xl(arch: str) -> None:
+    if arch != "transformer_xl":
+        raise HyperRouterError(
+            f"finetune builds its classifier on a Transformer-XL body; model.arch {arch} is not "
+            f"supported (use a run or model of model.arch transformer_xl)"
+        )
+
+
 def prepare(config: FinetuneConfig, init: str | None, device: torch.device) -> Prepared:
     """Load the task and build the classifier from a pretrained run (or from scratch)."""
+    _check_transformer_xl(config.model.arch)
     if config.data is None:
         raise HyperRouterError("no task data: pass --data PATH (see `hyperrouter finetune -h`)")
     task = load_task(
@@ -271,6 +280,12 @@ def prepare(config: FinetuneConfig, init: str | None, device: torch.device) -> P
         ).validate()
         body, pre_vocab = None, None
         init_info = {"run": None}
+    _check_transformer_xl(pre_config.model.arch)
+    if pre_vocab is not None and pre_vocab.kind == "bpe":
+        raise HyperRouterError(
+            "finetune reads text as characters or words; a run trained on a bpe corpus "
+            "(data.kind bpe) cannot be fine-tuned"
+        )
     tokenizer = config.tokenizer
     if tokenizer == "auto":
         tokenizer = pre_vocab.kind if pre_vocab is not None else "char"

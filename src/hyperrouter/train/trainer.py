@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ from hyperrouter.train import runlock
 from hyperrouter.train.config import RunConfig, config_diff, config_from_dict
 from hyperrouter.train.evaluate import (
     autocast,
+    bytes_per_token,
     cost_and_aiq,
     eval_mem_len,
     evaluate,
@@ -50,10 +52,14 @@ from hyperrouter.train.evaluate import (
     metric_name,
     metric_value,
     pick_device,
+    record_metrics,
+    secondary_metrics,
+    token_byte_lengths,
 )
 from hyperrouter.train.step import ChunkResult, StepResult, training_step
 
 RUN_FILE = "run.json"
+TOKENIZER_FILE = "tokenizer.json"  # a bpe corpus's tokenizer, beside the checkpoints
 
 
 # --------------------------------------------------------------------------- the run
@@ -84,8 +90,16 @@ class Run:
         self.device = self.dist.device if self.dist.enabled else pick_device(config.train.device)
         self._check_layout()
         # everything that can fail on bad input happens before the run directory is created
-        self.corpus: Corpus = load_corpus(config.data.path, kind=config.data.kind)
+        self.corpus: Corpus = load_corpus(
+            config.data.path,
+            kind=config.data.kind,
+            vocab_size=config.data.vocab_size,
+            tokenizer=self._saved_tokenizer() if resume else None,
+        )
         self.kind = self.corpus.kind
+        self.token_bytes = token_byte_lengths(self.corpus.vocab)  # bpe: for bits per byte
+        # bpe training lines: bits per byte at the training split's mean bytes per token
+        self.train_bytes_per_token = bytes_per_token(self.corpus.vocab, self.corpus.train)
         self.train_iter = LMOrderedIterator(
             self.corpus.train, config.train.batch_size, config.train.tgt_len, device=self.device
         )
@@ -119,6 +133,14 @@ class Run:
     def _new_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.config.train
         return torch.optim.Adam(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
+
+    def _saved_tokenizer(self) -> str | None:
+        """The tokenizer a bpe run was trained with (RUN/tokenizer.json), so that a resumed run
+        does not train it again; None for other kinds or when the file is missing."""
+        path = self.out_dir / TOKENIZER_FILE
+        if self.config.data.kind == "bpe" and path.is_file():
+            return path.read_text()
+        return None
 
     def _check_fresh_out_dir(self) -> None:
         if runlock.holds_files(self.out_dir):
@@ -210,6 +232,10 @@ class Run:
             },
         )
         (self.out_dir / "metrics.jsonl").write_text("")
+        if self.corpus.vocab.tokenizer is not None:  # atomically: a resume reads it back
+            tmp = self.out_dir / f".{TOKENIZER_FILE}.tmp"
+            tmp.write_text(self.corpus.vocab.tokenizer)
+            os.replace(tmp, self.out_dir / TOKENIZER_FILE)
 
     def corpus_info(self) -> dict[str, Any]:
         c = self.corpus
@@ -253,8 +279,9 @@ class Run:
         else:
             ckpt.load_weights(self.model, folder)
             ckpt.restore_optimizer(self.optimizer, folder, meta)
-        state = ckpt.load_tensors(folder / ckpt.STATE_FILE)
         trainer = meta["trainer"]
+        # a run without memories (train.mem_len 0, the qwen3 decoder) writes no state file
+        state = ckpt.load_tensors(folder / ckpt.STATE_FILE) if any(trainer["num_mems"]) else {}
         self.step = meta["step"]
         self.best = trainer["best"]
         self.train_tokens = trainer["train_tokens"]
@@ -413,7 +440,7 @@ class Run:
                     "step": self.step,
                     "split": "train",
                     "loss": mean,
-                    metric: metric_value(mean, self.kind),
+                    **self._train_metrics(mean),
                     "top_k": k,
                     "lr": lr,
                     "tokens_per_second": window.tokens / max(window.time, 1e-9),
@@ -458,6 +485,16 @@ class Run:
             for i, (inp_i, target_i) in enumerate(zip(inp_parts, target_parts))
         ]
 
+    def _train_metrics(self, loss: float) -> dict[str, float]:
+        """The metric of a training log line (bpe: bits per byte at the training split's mean
+        bytes per token, and the token perplexity)."""
+        if self.kind != "bpe":
+            return {metric_name(self.kind): metric_value(loss, self.kind)}
+        return {
+            "bpb": metric_value(loss, self.kind, self.train_bytes_per_token),
+            "ppl": metric_value(loss, "word"),
+        }
+
     def _validate(self, k: int | None, metric: str, bar) -> None:
         """Validate at the training k and with all experts (once when k is all of them), keep
         the best checkpoint of each, and print one line."""
@@ -477,13 +514,13 @@ class Run:
                 max_batches=cfg.eval.max_valid_batches,
                 amp=cfg.train.amp,
                 shard=self._shard,
+                token_bytes=self.token_bytes,
             )
             for top_k in dict.fromkeys(kinds.values())
         }
         pointers = {}
         for name, top_k in kinds.items():
             result = results[top_k]
-            value = metric_value(result.loss, self.kind)
             self._metric(
                 {
                     "step": self.step,
@@ -491,13 +528,13 @@ class Run:
                     "checkpoint": name,
                     "top_k": top_k,
                     "loss": result.loss,
-                    metric: value,
+                    **record_metrics(result, self.kind),
                 }
             )
             if name not in self.best or result.loss < self.best[name]:
                 self.best[name] = result.loss
                 pointers[name] = True
-        values = {top_k: metric_value(r.loss, self.kind) for top_k, r in results.items()}
+        values = {top_k: record_metrics(r, self.kind)[metric] for top_k, r in results.items()}
         if k is None:
             line = f"{values[k]:.4f}"
         else:
@@ -560,12 +597,14 @@ class Run:
             expert_parallel.shard_experts(model, self.dist.ep_group)
         ks = inference_ks(model, cfg)
         metric = metric_name(self.kind)
+        others: dict[str, dict[str, float]] = {}
 
         def log_test(k: int, result) -> None:
-            value = metric_value(result.loss, self.kind)
+            values = record_metrics(result, self.kind)
             self._metric(
-                {"step": self.step, "split": "test", "top_k": k, "loss": result.loss, metric: value}
+                {"step": self.step, "split": "test", "top_k": k, "loss": result.loss, **values}
             )
+            secondary_metrics(others, k, result, self.kind)
 
         by_k, speed, mean_k = evaluate_at_ks(
             model,
@@ -577,6 +616,7 @@ class Run:
             on_result=log_test,
             progress=self.progress,
             shard=self._shard,
+            token_bytes=self.token_bytes,
         )
         extra = cost_and_aiq(model, cfg, metric, by_k, speed, mean_k)
         speed["train"] = self.train_tokens / max(self.train_seconds, 1e-9)
@@ -584,6 +624,7 @@ class Run:
             "metric": metric,
             "split": "test",
             "by_top_k": by_k,
+            **others,
             "tokens_per_second": speed,
             **extra,
             "checkpoint": folder.name,
