@@ -90,6 +90,10 @@ class TrainConfig:
     eval_interval: int = 4000
     device: str = "auto"
     amp: str = "none"
+    # start from another run's weights, its dense FFNs upcycled into this run's MoE layers
+    # (hyperrouter.train.upcycle); init_noise: relative Gaussian noise on the expert copies
+    init_from: str | None = None
+    init_noise: float = 0.0
 
 
 @dataclass
@@ -254,6 +258,8 @@ class RunConfig:
                 raise HyperRouterError(f"eval.top_ks must be in [1, {label}], got {too_big}")
         if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
             raise HyperRouterError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+        if not t.init_noise >= 0:
+            raise HyperRouterError(f"train.init_noise must be >= 0, got {t.init_noise}")
         if t.amp not in ("none", "bf16"):
             raise HyperRouterError(f"train.amp must be none or bf16, got {t.amp!r}")
         if self.data.kind not in ("auto", "char", "word", "bpe"):

@@ -38,7 +38,7 @@ from hyperrouter.errors import HyperRouterError
 from hyperrouter.moe import expert_parallel
 from hyperrouter.params import parameter_summary, trainable_parameters
 from hyperrouter.train import checkpoint as ckpt
-from hyperrouter.train import runlock
+from hyperrouter.train import runlock, upcycle
 from hyperrouter.train.config import RunConfig, config_diff, config_from_dict
 from hyperrouter.train.evaluate import (
     autocast,
@@ -109,6 +109,18 @@ class Run:
             )
         torch.manual_seed(config.train.seed)
         self.model = config.build_model(len(self.corpus.vocab)).to(self.device)
+        if config.train.init_from and not resume:  # a resumed run has its own weights
+            source = upcycle.load_source(
+                config.train.init_from, len(self.corpus.vocab), config.model.arch
+            )
+            counts = upcycle.initialise_from(
+                self.model, source, noise=config.train.init_noise, seed=config.train.seed
+            )
+            self.log(
+                f"init from {config.train.init_from}: {counts['copied']} tensors copied, "
+                f"{counts['upcycled_layers']} dense FFNs upcycled, "
+                f"{counts['left_initialised']} left as initialised"
+            )
         self.summary = parameter_summary(self.model)  # before sharding: every expert counted
         self.expert_parallel = self.dist.ep_size > 1 and bool(self.model.moe_layers())
         if self.expert_parallel:
