@@ -1,7 +1,8 @@
 """Quality against real cost for the routers that spend fewer experts (issue 26's table).
 
     python benchmarks/variable_k_family.py --run NAME=RUN_DIR [--run ...] \
-        [--group NAME=MEMBER,MEMBER,...] [--sweep-p NAME=P,P,...] [--range-from NAME] --out DIR
+        [--group NAME=MEMBER,MEMBER,...] [--sweep-p NAME=P,P,...] [--reuse-p FAMILY_JSON] \
+        [--range-from NAME] --out DIR
 
 Each `--run` is a trained run folder (`hyperrouter compare` makes them), evaluated on test at
 every k of its results.json. For every (run, k) the table gives test BPC, the FFN experts each
@@ -129,10 +130,17 @@ def aiq_of(points: list[dict], key: str, lo: float, hi: float) -> float | None:
     return round(aiq(pts, lo, hi), 4) if pts else None
 
 
+def _mean_sd(values: list[float]) -> list[float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return [round(mean, 4), round(var**0.5, 4)]
+
+
 def table(summary: dict) -> str:
     lines = [
-        "| method | sweep | points (k or p: BPC @ experts/token) | best BPC | AIQ by MACs |",
-        "|---|---|---|---|---|",
+        "| method | sweep | points (k or p: BPC @ experts/token) | best BPC | AIQ by MACs "
+        "| seeds |",
+        "|---|---|---|---|---|---|",
     ]
     for name, m in sorted(
         summary["methods"].items(), key=lambda kv: -(kv[1]["aiq_by_macs"] or -99)
@@ -143,7 +151,15 @@ def table(summary: dict) -> str:
             for p in m["sweep"]
         )
         best = min(p["bpc"] for p in m["sweep"])
-        lines.append(f"| `{name}` | {m['over']} | {pts} | {best:.3f} | {m['aiq_by_macs']:.3f} |")
+        seeds = m.get("seeds")
+        spread = ""
+        if seeds:
+            (a, a_sd), (b, b_sd) = seeds["aiq_mean_sd"], seeds["best_bpc_mean_sd"]
+            spread = (
+                f"{len(seeds['runs'])}: best {b:.3f} ± {b_sd:.3f}, AIQ over k {a:.3f} ± {a_sd:.3f}"
+            )
+        row = f"| `{name}` | {m['over']} | {pts} | {best:.3f} | {m['aiq_by_macs']:.3f} | {spread} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -175,17 +191,25 @@ def main() -> None:
     parser.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR (repeat)")
     parser.add_argument("--group", action="append", default=[], help="NAME=MEMBER,MEMBER")
     parser.add_argument("--sweep-p", action="append", default=[], help="NAME=P,P,...")
+    parser.add_argument(
+        "--reuse-p", default=None, help="a family.json whose p sweeps to reuse (not re-evaluated)"
+    )
     parser.add_argument("--range-from", default="hyperrouter")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    runs = {name: Path(path) for name, path in pairs(args.run, "--run").items()}
+    seeds = {name: [Path(p) for p in v.split(",")] for name, v in pairs(args.run, "--run").items()}
+    runs = {name: folders[0] for name, folders in seeds.items()}
     groups = {n: v.split(",") for n, v in pairs(args.group, "--group").items()}
     sweeps = {
         n: [float(x) for x in v.split(",")] for n, v in pairs(args.sweep_p, "--sweep-p").items()
     }
     points = {name: run_points(name, folder) for name, folder in runs.items()}
     p_points = {name: sweep_p(name, runs[name], ps) for name, ps in sweeps.items()}
+    if args.reuse_p:
+        for name, m in json.loads(Path(args.reuse_p).read_text())["methods"].items():
+            if m["over"] == "p" and name in runs and name not in p_points:
+                p_points[name] = m["sweep"]
     base = points[args.range_from]
     lo = min(p["macs_per_token"] for p in base)
     hi = max(p["macs_per_token"] for p in base)
@@ -204,6 +228,18 @@ def main() -> None:
         methods[name] = {"over": "runs: " + ", ".join(members), "sweep": sweep}
     for m in methods.values():
         m["aiq_by_macs"] = aiq_of(m["sweep"], "macs_per_token", lo, hi)
+    for name, folders in seeds.items():  # more seeds: AIQ and best BPC of each (sweep over k)
+        if len(folders) > 1 and name in methods:
+            per_seed = [points[name]] + [run_points(name, f) for f in folders[1:]]
+            aiqs = [aiq_of(pts, "macs_per_token", lo, hi) for pts in per_seed]
+            bests = [min(p["bpc"] for p in pts) for pts in per_seed]
+            methods[name]["seeds"] = {
+                "runs": [str(f) for f in folders],
+                "aiq_by_macs_over_k": aiqs,
+                "best_bpc": bests,
+                "aiq_mean_sd": _mean_sd(aiqs),
+                "best_bpc_mean_sd": _mean_sd(bests),
+            }
     summary = {
         "cost_range_macs": [lo, hi],
         "range_from": args.range_from,
