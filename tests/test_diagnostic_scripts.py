@@ -89,3 +89,42 @@ def test_sbase_balance_measures_the_sinkhorn_choice_of_a_trained_run(tmp_path: P
     cold = [r["train_cv"] for r in rows if r["temperature"] == 0.05]
     plain = [r["eval_cv"] for r in rows if r["temperature"] == 0.05]
     assert max(cold) <= max(plain) + 1e-9  # the balanced choice is no less even than plain top 1
+
+
+def test_variable_k_family_tabulates_runs_sweeps_groups_and_seeds(tmp_path: Path) -> None:
+    """benchmarks/variable_k_family.py on tiny runs: a top_p run swept over p, two smoe seeds,
+    a group of runs; every AIQ over the common range is finite and the p points differ."""
+    data = str(corpus(tmp_path))
+    runs = {}
+    for name, settings in (
+        ("top_p", ["moe.router=top_p", "train.top_k_schedule=constant", "train.top_k_min=16"]),
+        ("smoe", ["moe.router=smoe"]),
+        ("smoe2", ["moe.router=smoe", "train.seed=7"]),
+    ):
+        runs[name] = tmp_path / name
+        args = ["train", "--config", "quick", "--data", data, "--out", str(runs[name])]
+        for setting in [*settings, "train.steps=2", "train.eval_interval=2",
+                        "eval.max_valid_batches=1", "eval.top_ks=[1,16]", *TINY]:  # fmt: skip
+            args += ["--set", setting]
+        assert main([*args, "--no-progress"]) == 0
+    out = tmp_path / "family"
+    done = run_script(
+        "benchmarks/variable_k_family.py",
+        "--run", f"top_p={runs['top_p']}",
+        "--run", f"smoe={runs['smoe']},{runs['smoe2']}",
+        "--run", f"other={runs['smoe2']}",
+        "--group", "pooled=other",
+        "--sweep-p", "top_p=0.2,1.0",
+        "--range-from", "smoe",
+        "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "family.json").read_text())
+    methods = summary["methods"]
+    assert set(methods) == {"top_p", "smoe", "pooled"}
+    assert all(isinstance(m["aiq_by_macs"], float) for m in methods.values())
+    p_points = methods["top_p"]["sweep"]
+    assert [p["p"] for p in p_points] == [0.2, 1.0]
+    assert p_points[0]["mean_k"] < p_points[1]["mean_k"] == 16.0  # p = 1 keeps every slot
+    assert len(methods["smoe"]["seeds"]["aiq_by_macs_over_k"]) == 2
+    assert "| `top_p` | p |" in (out / "family.md").read_text()
