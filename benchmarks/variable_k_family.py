@@ -172,10 +172,12 @@ def plot(summary: dict, path: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, m in sorted(summary["methods"].items()):
+    colors = plt.cm.tab20.colors  # 20 distinct colours, and a second line style beyond them
+    for i, (name, m) in enumerate(sorted(summary["methods"].items())):
         pts = sorted(m["sweep"], key=lambda p: p["macs_per_token"])
+        style = {"color": colors[i % 20], "linestyle": "-" if i < 20 else "--"}
         for ax, key in zip(axes, ("mean_k", "macs_per_token")):
-            ax.plot([p[key] for p in pts], [p["bpc"] for p in pts], "o-", ms=3, label=name)
+            ax.plot([p[key] for p in pts], [p["bpc"] for p in pts], "o", ms=3, label=name, **style)
     axes[0].set_xlabel("FFN experts per token (measured)")
     axes[1].set_xlabel("multiply-adds per token")
     for ax in axes:

@@ -69,3 +69,8 @@ def test_moepp_and_elastic_k_train_end_to_end_and_report_ffn_experts(
     assert set(results["by_top_k"]) == {"1", "7"}
     for k, per_layer in results["mean_k"].items():  # FFN experts only: at most k, at most 4
         assert all(0 <= v <= min(int(k), 4) for v in per_layer)
+    from hyperrouter.analysis.analyze import analyze_run
+
+    analysis = analyze_run(out, max_tokens=64, diversity_tokens=16, make_plots=False)
+    for layer in analysis["layers"]:  # the choices counted over FFN and zero-computation experts
+        assert len(layer["tokens_per_expert"]) == 4 + 3

@@ -204,7 +204,10 @@ def analyze_run(
         sample = x[:diversity_tokens].to(device)
         layer_dtype = next(layer.parameters()).dtype
         outputs = torch.stack(
-            [layer.experts.expert_forward(e, sample.to(layer_dtype)) for e in range(num_experts)]
+            [  # the FFN experts (MoE++'s zero-computation experts have no FFN to compare)
+                layer.experts.expert_forward(e, sample.to(layer_dtype))
+                for e in range(layer.ffn_experts)
+            ]
         ).float()
         max_entropy = float(torch.log(torch.tensor(float(num_experts))))
         entry = {
