@@ -103,6 +103,16 @@ def _softmax_macs(model: TransformerXL) -> float:
     return total
 
 
+def moe_layer_k(moe, k: float | Sequence[float] | None, index: int) -> float:
+    """The k of the `index`-th MoE layer `moe` for `macs_per_token`'s `k` argument (None: the
+    layer's own k; a number: every layer's; a sequence: one per MoE layer)."""
+    if k is None:
+        return moe.top_k
+    if isinstance(k, (int, float)):
+        return k
+    return k[index]
+
+
 def macs_per_token(
     model: TransformerXL, shape: Shape, k: float | Sequence[float] | None = None
 ) -> dict[str, float]:
@@ -126,12 +136,7 @@ def macs_per_token(
         if moe is None:
             out["dense_ffn"] += 2 * d * layer.ff.core[0].out_features
         else:
-            if k is None:
-                layer_k = moe.top_k
-            elif isinstance(k, (int, float)):
-                layer_k = k
-            else:
-                layer_k = k[moe_index]
+            layer_k = moe_layer_k(moe, k, moe_index)
             moe_index += 1
             out["experts"] += _expert_macs(moe, layer_k)
             out["router"] += _router_macs(moe, shape.qlen * shape.batch)

@@ -232,7 +232,7 @@ class Qwen3Decoder(nn.Module):
         projections q, k, v (n_kv_head heads) and o; scores q.k and p.v over the segment's qlen
         keys (the masked half included, as the kernels compute it); experts and router per MoE
         layer; the dense SwiGLU MLP (3 d d_inner); the LM head (d V). `shape.mlen` is 0 here."""
-        from hyperrouter.cost import PARTS, _expert_macs, _router_macs
+        from hyperrouter.cost import PARTS, _expert_macs, _router_macs, moe_layer_k
 
         c = self.config
         d, heads, d_head = c.d_model, c.n_head, c.d_head
@@ -246,12 +246,7 @@ class Qwen3Decoder(nn.Module):
                 out["dense_ffn"] += 3 * d * layer.mlp.intermediate_size
                 continue
             moe = layer.mlp.moe
-            if k is None:
-                layer_k = moe.top_k
-            elif isinstance(k, (int, float)):
-                layer_k = k
-            else:
-                layer_k = k[moe_index]
+            layer_k = moe_layer_k(moe, k, moe_index)
             moe_index += 1
             out["experts"] += _expert_macs(moe, layer_k)
             out["router"] += _router_macs(moe, shape.qlen * shape.batch)
