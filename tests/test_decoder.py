@@ -428,10 +428,66 @@ def test_bpe_without_tokenizers_is_a_one_line_error(text_file, tmp_path, capsys,
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_finetune_says_it_is_transformer_xl_only(tmp_path, capsys) -> None:
-    args = ["finetune", "--task", "sst2", "--data", str(tmp_path), "--set", "model.arch=qwen3"]
+def test_finetune_on_a_decoder_run_reuses_its_bpe_tokenizer_and_learns(text_file, tmp_path):
+    """`hyperrouter finetune --init RUN` on a qwen3 run: the run's BPE tokenizer (tokenizer auto),
+    its trained weights loaded into the classifier body, a separable task learned, test at every
+    k, the hypernetwork still frozen."""
+    from safetensors.torch import load_file
+
+    from hyperrouter.train.finetune import finetune_run, prepare
+    from tests.test_finetune import separable_task, tiny_ft
+
+    run = tmp_path / "run"
+    train_run(config_from_dict(tiny(text_file)), run, progress=False, log=lambda _: None)
+    data = separable_task(tmp_path / "task")
+    config = tiny_ft(data, steps=40, eval_interval=20)
+    prep = prepare(config, str(run), torch.device("cpu"))
+    assert prep.vocab.kind == "bpe" and not prep.new_vocab
+    assert prep.init["tokenizer"] == "bpe" and isinstance(prep.model.body, Qwen3Decoder)
+    assert prep.model.body.lm_head is None
+    index = json.loads((run / "checkpoints" / "index.json").read_text())
+    weights = load_file(str(run / "checkpoints" / index["best_all_experts"] / "model.safetensors"))
+    loaded = prep.model.body.moe_layers()[0].router.embedding
+    assert torch.equal(loaded, weights["decoder.layers.0.mlp.moe.router.embedding"])
+
+    out = tmp_path / "ft"
+    results = finetune_run(config, out, init=str(run), progress=False)
+    assert set(results["by_top_k"]) == {"1", "2", "4"} and results["by_top_k"]["4"] == 1.0
+    tuned = load_file(str(out / "checkpoints" / results["checkpoint"] / "model.safetensors"))
+    frozen = [key for key in weights if "hypernet" in key]
+    assert frozen and all(torch.equal(tuned[f"body.{key}"], weights[key]) for key in frozen)
+
+
+def test_decoder_classifier_ignores_right_padding() -> None:
+    """An example's logits do not depend on the padding after it (causal attention, padding not
+    routed), and padding adds nothing to the router's token counts."""
+    from hyperrouter.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    body = config_from_dict(tiny(moe={"router": "smoe", "router_options": {}})).build_model(300)
+    model = Classifier(body, 3, head_dropout=0.0).eval()
+    model.body.set_top_k(2)
+    short = torch.randint(300, (5, 1))
+    alone, _, _ = model(short, torch.tensor([5]))
+    padded = torch.cat([short, torch.zeros(7, 1, dtype=torch.long)])
+    other = torch.randint(300, (12, 1))
+    both, _, outs = model(torch.cat([padded, other], 1), torch.tensor([5, 12]))
+    torch.testing.assert_close(both[0], alone[0], rtol=1e-5, atol=1e-6)  # fp32 summation order
+    assert all(int(out.computed_pairs) == (5 + 12) * 2 for out in outs)
+
+
+def test_finetune_a_decoder_from_scratch_and_bpe_needs_a_bpe_run(tmp_path, capsys) -> None:
+    from hyperrouter.train.finetune import finetune_run
+    from tests.test_finetune import separable_task, tiny_ft
+
+    data = separable_task(tmp_path / "task")
+    cfg = config_from_dict(tiny())
+    scratch = tiny_ft(data, steps=6, eval_interval=6, model=cfg.model, moe=cfg.moe)
+    results = finetune_run(scratch, tmp_path / "scratch", init=None, progress=False)
+    assert results["init"]["tokenizer"] == "char" and 0 <= results["by_top_k"]["4"] <= 1
+    args = ["finetune", "--task", "sst2", "--data", str(data), "--set", "tokenizer=bpe"]
     code, _, err = run_cli([*args, "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "Transformer-XL body" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "tokenizer bpe reuses" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

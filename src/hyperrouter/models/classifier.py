@@ -1,4 +1,7 @@
-"""A text classifier on top of a (pretrained) Transformer-XL body, as in the paper's Table 2.
+"""A text classifier on top of a (pretrained) language-model body, as in the paper's Table 2.
+
+The body is a `TransformerXL` or a `Qwen3Decoder` (model.arch qwen3): both offer
+`features(tokens, token_mask)`, `drop_lm_head()` and `replace_embedding(n)`.
 
 Each example is encoded on its own (no memory carried between unrelated examples), right-padded
 within a batch. Causal attention means real tokens never see the padding after them, and the
@@ -9,23 +12,28 @@ real token (`pooling="last"`) or on the mean of the real tokens (`pooling="mean"
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from hyperrouter.errors import HyperRouterError
-from hyperrouter.models.adaptive import AdaptiveEmbedding
 from hyperrouter.models.transformer_xl import TransformerXL
+
+if TYPE_CHECKING:
+    from hyperrouter.models.decoder import Qwen3Decoder
 
 POOLINGS = ("last", "mean")
 
 
 class Classifier(nn.Module):
-    """Transformer-XL body + classification head. `new_vocab_size` replaces the input embedding
-    with a freshly initialised one (for a task vocabulary); the LM's output softmax is dropped."""
+    """Language-model body (Transformer-XL or the Qwen3-style decoder) + classification head.
+    `new_vocab_size` replaces the input embedding with a freshly initialised one (for a task
+    vocabulary); the LM's output layer is dropped."""
 
     def __init__(
         self,
-        body: TransformerXL,
+        body: TransformerXL | Qwen3Decoder,
         num_classes: int,
         *,
         pooling: str = "last",
@@ -37,12 +45,10 @@ class Classifier(nn.Module):
             raise HyperRouterError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
         if num_classes < 2:
             raise HyperRouterError(f"a classifier needs at least 2 classes, got {num_classes}")
-        body.crit = None  # the LM softmax is not used (and would keep stale tied weights alive)
+        body.drop_lm_head()  # not used (and would keep stale tied weights alive)
         body.mem_len = 0  # no memory between unrelated examples
         if new_vocab_size is not None:
-            d_model = body.config.d_model
-            body.word_emb = AdaptiveEmbedding(new_vocab_size, d_model, d_model, [])
-            nn.init.normal_(body.word_emb.emb_layers[0].weight, 0.0, body.config.init_std)
+            body.replace_embedding(new_vocab_size)
         self.body = body
         self.pooling = pooling
         d_model = body.config.d_model
@@ -64,7 +70,7 @@ class Classifier(nn.Module):
         max_len, batch = tokens.shape
         positions = torch.arange(max_len, device=tokens.device)[:, None]
         mask = positions < lengths[None, :]
-        hidden, _, aux, outs = self.body.body(tokens, None, token_mask=mask)
+        hidden, aux, outs = self.body.features(tokens, token_mask=mask)
         if self.pooling == "last":
             pooled = hidden[lengths - 1, torch.arange(batch, device=tokens.device)]
         else:

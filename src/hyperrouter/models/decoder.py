@@ -54,6 +54,7 @@ class _Call:
     """What the MoE layers of one forward share: the routing ids and their outputs so far."""
 
     routing_ids: dict[str, Tensor]
+    token_mask: Tensor | None = None
     outputs: list[MoEOutput] = field(default_factory=list)
 
 
@@ -76,7 +77,7 @@ class MoEMLP(nn.Module):
         kwargs = dict(call.routing_ids)
         if self.moe.gate_map is not None and call.outputs:
             kwargs["previous_logits"] = call.outputs[-1].routing.logits
-        out = self.moe(x_BTD.transpose(0, 1), return_details=True, **kwargs)
+        out = self.moe(x_BTD.transpose(0, 1), mask=call.token_mask, return_details=True, **kwargs)
         call.outputs.append(out)
         return out.output.transpose(0, 1)
 
@@ -187,9 +188,13 @@ class Qwen3Decoder(nn.Module):
             )
 
     # ------------------------------------------------------------------ forward
-    def body(self, data: Tensor) -> tuple[Tensor, Tensor, list[MoEOutput]]:
+    def body(
+        self, data: Tensor, token_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
         """Hidden states [qlen, B, d_model] of tokens `data` [qlen, B] (positions from 0), the
-        summed auxiliary losses and each MoE layer's output."""
+        summed auxiliary losses and each MoE layer's output. `token_mask` [qlen, B] (bool)
+        marks real tokens for MoE routing: right padding is not routed, and causal attention
+        keeps it out of the real tokens' states."""
         if data.dim() != 2:
             raise HyperRouterError(f"data must be [qlen, batch] token ids, got {tuple(data.shape)}")
         mlps = self._moe_mlps()
@@ -197,7 +202,7 @@ class Qwen3Decoder(nn.Module):
         if mlps:
             columns = torch.arange(data.shape[1], device=data.device)
             routing_ids = {"token_ids": data, "sequence_ids": columns.expand_as(data)}
-        call = _Call(routing_ids)
+        call = _Call(routing_ids, token_mask)
         for mlp in mlps:
             mlp.call = call
         try:
@@ -210,6 +215,23 @@ class Qwen3Decoder(nn.Module):
             for value in out.aux_losses.values():
                 aux = aux + value
         return hidden_BTD.transpose(0, 1), aux, call.outputs
+
+    def features(
+        self, data: Tensor, token_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
+        """(hidden, aux loss, MoE outputs) as `TransformerXL.features`: what a classifier reads."""
+        return self.body(data, token_mask)
+
+    def drop_lm_head(self) -> None:
+        """Forget the LM head (a classifier does not use it)."""
+        self.lm_head = None
+
+    def replace_embedding(self, n_token: int) -> None:
+        """A freshly initialised input embedding of `n_token` symbols (a task vocabulary)."""
+        embedding = nn.Embedding(n_token, self.config.d_model)
+        nn.init.normal_(embedding.weight, 0.0, self.config.init_std)
+        self.decoder.embed_tokens = embedding
+        self.n_token = n_token
 
     def forward(
         self, data: Tensor, target: Tensor | None = None, mems: list[Tensor] | None = None

@@ -510,6 +510,24 @@ class TransformerXL(nn.Module):
         new_mems = self._update_mems(hids, mems, qlen)
         return self.drop(core), new_mems, aux, moe_outs
 
+    def features(
+        self, data: Tensor, token_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
+        """(hidden [qlen, B, d_model], aux loss, MoE outputs) of `data` read on its own (no
+        memory), padding marked by `token_mask` not routed: what a classifier head reads."""
+        hidden, _, aux, outs = self.body(data, None, token_mask=token_mask)
+        return hidden, aux, outs
+
+    def drop_lm_head(self) -> None:
+        """Forget the LM softmax (a classifier does not use it; it would keep tied weights)."""
+        self.crit = None
+
+    def replace_embedding(self, n_token: int) -> None:
+        """A freshly initialised input embedding of `n_token` symbols (a task vocabulary)."""
+        d_model = self.config.d_model
+        self.word_emb = AdaptiveEmbedding(n_token, d_model, d_model, [])
+        nn.init.normal_(self.word_emb.emb_layers[0].weight, 0.0, self.config.init_std)
+
     def forward(
         self, data: Tensor, target: Tensor | None = None, mems: list[Tensor] | None = None
     ) -> LMOutput:

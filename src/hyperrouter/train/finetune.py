@@ -48,6 +48,8 @@ from hyperrouter.train.config import (
 from hyperrouter.train.evaluate import load_trained, pick_device
 from hyperrouter.train.step import ChunkResult, training_step
 
+TOKENIZERS = ("auto", "char", "word", "bpe")
+
 
 @dataclass
 class FinetuneConfig:
@@ -87,8 +89,10 @@ class FinetuneConfig:
     def validate(self) -> FinetuneConfig:
         if self.task not in TASKS:
             raise HyperRouterError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
-        if self.tokenizer not in ("auto", "char", "word"):
-            raise HyperRouterError(f"tokenizer must be auto, char or word, got {self.tokenizer!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise HyperRouterError(
+                f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}"
+            )
         if self.normalize not in NORMALIZERS:
             raise HyperRouterError(
                 f"normalize must be one of {', '.join(NORMALIZERS)}, got {self.normalize!r}"
@@ -158,7 +162,10 @@ def encode(text: str, vocab: Vocab, max_len: int) -> list[int]:
     if len(ids) > max_len:
         head = max_len // 2
         ids = ids[:head] + ids[len(ids) - (max_len - head) :]
-    return ids or [vocab.unk_id]
+    if ids:
+        return ids
+    # an empty text still needs one token: <unk>, or a space for a bpe vocabulary (no <unk>)
+    return [vocab.unk_id] if vocab.unk_id is not None else vocab.encode(" ")[:1]
 
 
 @dataclass
@@ -230,17 +237,8 @@ class Prepared:
     init: dict[str, Any]
 
 
-def _check_transformer_xl(arch: str) -> None:
-    if arch != "transformer_xl":
-        raise HyperRouterError(
-            f"finetune builds its classifier on a Transformer-XL body; model.arch {arch} is not "
-            f"supported (use a run or model of model.arch transformer_xl)"
-        )
-
-
 def prepare(config: FinetuneConfig, init: str | None, device: torch.device) -> Prepared:
     """Load the task and build the classifier from a pretrained run (or from scratch)."""
-    _check_transformer_xl(config.model.arch)
     if config.data is None:
         raise HyperRouterError("no task data: pass --data PATH (see `hyperrouter finetune -h`)")
     task = load_task(
@@ -275,21 +273,22 @@ def prepare(config: FinetuneConfig, init: str | None, device: torch.device) -> P
             top_k_min=config.top_k_min,
             top_k_max=config.top_k_max,
         )
+        if config.model.arch == "qwen3":
+            schedule.mem_len = 0  # the decoder keeps no recurrence memory
         pre_config = RunConfig(
             model=config.model, moe=config.moe, train=schedule, eval=EvalConfig(top_ks=[1])
         ).validate()
         body, pre_vocab = None, None
         init_info = {"run": None}
-    _check_transformer_xl(pre_config.model.arch)
-    if pre_vocab is not None and pre_vocab.kind == "bpe":
-        raise HyperRouterError(
-            "finetune reads text as characters or words; a run trained on a bpe corpus "
-            "(data.kind bpe) cannot be fine-tuned"
-        )
     tokenizer = config.tokenizer
     if tokenizer == "auto":
         tokenizer = pre_vocab.kind if pre_vocab is not None else "char"
-    if tokenizer == "char" and pre_vocab is not None and pre_vocab.kind == "char":
+    if tokenizer == "bpe" and (pre_vocab is None or pre_vocab.kind != "bpe"):
+        raise HyperRouterError(
+            "tokenizer bpe reuses the byte-level BPE tokenizer of a run trained with data.kind "
+            "bpe; pass --init with such a run, or use tokenizer char or word"
+        )
+    if tokenizer in ("char", "bpe") and pre_vocab is not None and pre_vocab.kind == tokenizer:
         vocab, new_vocab = pre_vocab, False
     elif tokenizer == "char":
         vocab, new_vocab = Vocab.from_bytes(t.encode("utf-8") for t in task.train.texts), True
