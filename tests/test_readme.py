@@ -40,10 +40,12 @@ TINY = {
     "compare": ["--seeds", "1", *SMALL_RUN, "--no-progress"],
     "eval": ["--no-progress"],
     "serve train-policy": [
-        *("--max-batch", "2", "--max-tokens", "2", "--prompt-tokens", "8", "--episodes", "10"),
-        *("--repeats", "1"),
+        *("--max-batch", "2", "--max-tokens", "2", "--prompt-tokens", "8", "--passes", "1"),
+        *("--repeats", "1", "--calibrate", "1"),
     ],
-    "bench serve": [*("--policies", "static:1,learned", "--rates", "5", "--duration", "1")],
+    "bench serve": [
+        *("--policies", "static:1,learned", "--rates", "5", "--duration", "1", "--max-batch", "2")
+    ],
     "adaptive": [
         *("--max-batches", "2", "--top-p", "0.5", "--ratio", "0.2", "--tolerance", "0.05"),
         *("--escalate", "0.5", "--no-progress"),

@@ -100,12 +100,33 @@ def test_pinned_k_equals_the_models_own_sampling(served, reference, k) -> None:
 
 
 def test_score_equals_the_engine_and_eval_loss(served, reference) -> None:
-    text = "ROMEO: what light through yonder window breaks"
+    """/v1/score at a pinned k is `hyperrouter eval`'s loss on the same ids (evaluate(): its
+    segments, its memory) and the engine's own score."""
+    import torch
+
+    from hyperrouter.train.evaluate import eval_mem_len, evaluate
+
+    text = "ROMEO: what light through yonder window breaks, it is the east " * 2
     got = post(served.url, "/v1/score", {"text": text, "k": 2}).json()
     want = reference.score(text, 2)
     assert got["k"] == 2 and got["tokens"] == len(text) - 1
     assert got["bpc"] == pytest.approx(want["bpc"], rel=1e-6)
     assert len(got["token_losses"]) == got["tokens"]
+    config = reference.run.config
+    assert len(text) > 2 * config.eval.tgt_len  # several segments, carried memory
+    ids = torch.tensor(reference.vocab.encode(text))
+    result = evaluate(
+        reference.model,
+        ids,
+        batch_size=1,
+        tgt_len=config.eval.tgt_len,
+        mem_len=eval_mem_len(config),
+        top_k=2,
+        device=torch.device("cpu"),
+    )
+    assert result.tokens == got["tokens"]
+    assert got["loss"] == pytest.approx(result.loss, rel=1e-6)  # fp32 sums in another order
+    reference.model.mem_len = reference.mem_len  # evaluate() restored it; as the engine uses it
 
 
 def test_streaming_gives_the_same_text(served, reference) -> None:
@@ -127,16 +148,73 @@ def test_streaming_gives_the_same_text(served, reference) -> None:
     assert text == generate(reference, PROMPT, k=2, max_tokens=10, seed=3)
 
 
+def _step_rows(served) -> tuple[float, float]:
+    """(generation steps run, requests summed over them) from the server's histogram."""
+    hist = served.app_server.metrics.step_rows
+    samples = {s.name: s.value for s in hist.collect()[0].samples}
+    return samples["hyperrouter_step_requests_count"], samples["hyperrouter_step_requests_sum"]
+
+
 def test_concurrent_requests_are_batched_and_equal_unbatched(served, reference) -> None:
-    before = served.app_server.metrics.batches._value.get()
+    """Prompts of different lengths (memories of different lengths, padded) share steps; each
+    answer equals the request alone at the same k and seed."""
+    steps0, rows0 = _step_rows(served)
     bodies = [{"prompt": PROMPT[: 5 + i], "max_tokens": 8, "seed": i, "k": 2} for i in range(6)]
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda b: post(served.url, "/v1/completions", b).json(), bodies))
-    batches = served.app_server.metrics.batches._value.get() - before
-    assert batches < len(bodies), "the six requests should share batches"
+    steps1, rows1 = _step_rows(served)
+    assert rows1 - rows0 == 6 * 7  # 7 steps per request after the prefill's token
+    assert steps1 - steps0 < 6 * 7, "the six requests should share steps"
     for body, answer in zip(bodies, answers):
         want = generate(reference, body["prompt"], k=2, max_tokens=8, seed=body["seed"])
         assert answer["choices"][0]["text"] == want
+
+
+def test_a_step_over_memories_of_different_lengths_equals_each_alone(reference) -> None:
+    """The engine pads shorter memories (masked): each request's next-token logits in a shared
+    step equal its own step alone (fp32 rounding of batched products)."""
+    import torch
+
+    from hyperrouter.serve.engine import Sampling
+
+    prompts = ["ROMEO: the", "a", "JULIET: what light through yonder window breaks " * 2]
+    alone = []
+    for i, prompt in enumerate(prompts):
+        seq = reference.new_sequence(prompt, Sampling(5, 1.0, 1.0, [], i))
+        reference.prefill(seq, 2)
+        reference.sample(seq)
+        reference.step([seq], 2)
+        alone.append(seq.logits)
+    together = [
+        reference.new_sequence(p, Sampling(5, 1.0, 1.0, [], i)) for i, p in enumerate(prompts)
+    ]
+    for seq in together:
+        reference.prefill(seq, 2)
+        reference.sample(seq)
+    assert len({seq.mem_rows for seq in together}) == 3  # three memory lengths
+    reference.step(together, 2)
+    for want, seq in zip(alone, together):
+        torch.testing.assert_close(seq.logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_request_joins_a_running_generation(served, reference) -> None:
+    """Continuous batching: a short request sent while a long one streams is answered before the
+    long one ends (it does not wait for it), and its text is what it is alone."""
+    long = {"prompt": PROMPT, "max_tokens": 64, "seed": 1, "k": 2, "stream": True}
+    short = {"prompt": "JULIET: ", "max_tokens": 2, "seed": 2, "k": 2}
+    pending = None
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", served.url + "/v1/completions", json=long, timeout=60) as r:
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    short_done_first = pending is not None and pending.done()
+                    break
+                if line.startswith("data: ") and pending is None:
+                    pending = pool.submit(post, served.url, "/v1/completions", short)
+        answer = pending.result().json()
+    assert short_done_first, "the short request waited for the long one to end"
+    want = generate(reference, short["prompt"], k=2, max_tokens=2, seed=2)
+    assert answer["choices"][0]["text"] == want and answer["k"] == 2
 
 
 BAD = [
@@ -247,56 +325,100 @@ def test_a_burst_above_the_queue_limit_gets_429_and_shutdown_finishes_in_flight(
 
 
 def profile() -> Profile:
-    # k = 4 is slow (100 ms a batch), k = 1 fast (20 ms); quality rises with k
+    """A made-up server: k = 4 steps 5x slower than k = 1; 5 tokens per request."""
     return Profile(
         [1, 2, 4],
         [1, 4, 8],
-        {"1": [10.0, 15.0, 20.0], "2": [20.0, 30.0, 40.0], "4": [50.0, 75.0, 100.0]},
+        {"1": [2.0, 3.0, 4.0], "2": [4.0, 6.0, 8.0], "4": [10.0, 15.0, 20.0]},
+        {"1": 2.0, "2": 4.0, "4": 10.0},
         {"1": 0.10, "2": 0.14, "4": 0.15},
+        prompt_tokens=8,
+        max_tokens=5,
     )
 
 
-def test_rule_policy_drops_k_as_the_queue_grows() -> None:
-    rule = RulePolicy(profile(), deadline_ms=200.0, max_batch=8)
-    assert rule.choose(QueueState(1, 0.0)) == 4
-    assert rule.choose(QueueState(8, 100.0)) == 2  # 100 + 100 > 180; 100 + 40 fits
-    assert rule.choose(QueueState(40, 150.0)) == 1
-
-
-def test_simulator_and_learned_policy() -> None:
+def test_profile_interpolates_and_sums_a_step_over_its_ks() -> None:
     p = profile()
+    assert p.one_step_ms(4, 6) == pytest.approx(17.5)  # between n = 4 and 8
+    assert p.one_step_ms(4, 12) == pytest.approx(25.0)  # beyond 8, by the last slope
+    assert p.step_time_ms({4: 4, 1: 1}) == pytest.approx(15.0 + 2.0)  # one forward per k
+    p.scale = 2.0
+    assert p.prefill_time_ms(2) == 8.0 and p.one_step_ms(1, 1) == 4.0
+
+
+def test_rule_policy_keeps_every_running_request_in_time() -> None:
+    rule = RulePolicy(profile(), deadline_ms=200.0, max_batch=8)
+    assert rule.choose(QueueState(1, 0.0, max_tokens=5)) == 4  # 10 + 4 x 10 = 50 ms
+    # 7 running at k = 4 with 4 tokens left, 60 ms old: one more at 4 still fits
+    running = [(4, 60.0, 4)] * 7
+    assert rule.choose(QueueState(1, 0.0, active=running, max_tokens=5)) == 4
+    # 95 ms old: a k = 4 prefill and step (95 + 10 + 4 x 20 = 185 > 180) would make them late;
+    # k = 2 keeps them in time (95 + 4 + 4 x (18.75 + 4) = 190 > 180: no); k = 1 is the floor
+    late = [(4, 95.0, 4)] * 7
+    assert rule.choose(QueueState(1, 0.0, active=late, max_tokens=5)) == 1
+    # a request that waited long gets a small k so that it still makes it
+    assert rule.choose(QueueState(1, 140.0, max_tokens=5)) == 2  # 140 + 4 + 4 x 4 = 160
+    for state in (QueueState(3, 30.0, active=[(2, 50.0, 3)] * 3, max_tokens=5),):
+        k = rule.choose(state)
+        assert rule.fits(k, state) and not any(rule.fits(j, state) for j in (1, 2, 4) if j > k)
+
+
+def test_simulator_matches_a_request_alone_and_queues_under_load() -> None:
+    p = profile()
+    p.overhead_ms = 3.0
+    one = simulate(StaticPolicy(2), p, rate=0.01, duration_s=200, deadline_ms=200, max_batch=8)
+    assert one.requests >= 1 and one.p50_ms == pytest.approx(3.0 + 4.0 + 4 * 4.0)
     light = simulate(StaticPolicy(4), p, rate=5, duration_s=60, deadline_ms=200, max_batch=8)
-    assert light.miss_rate < 0.01 and light.mean_k == 4
-    # static k = 4 serves at most 80 requests/s with full batches: at 200/s it falls behind
+    assert light.miss_rate < 0.01 and light.mean_k == 4 and light.mean_utility > 0.14
+    # k = 4 serves about 8 / (8 x 10 + 4 x 20 ms) = 50 requests/s; at 150/s it falls behind
     heavy = {
-        k: simulate(StaticPolicy(k), p, rate=200, duration_s=20, deadline_ms=200, max_batch=8)
+        k: simulate(StaticPolicy(k), p, rate=150, duration_s=20, deadline_ms=200, max_batch=8)
         for k in (1, 2, 4)
     }
     assert heavy[4].miss_rate > 0.5 and heavy[1].miss_rate < 0.05
+    assert heavy[4].refused > 0  # the bounded queue refuses what it cannot hold
+
+
+def test_learned_policy_starts_as_the_rule_and_search_only_improves_it() -> None:
+    p = profile()
+    rule = RulePolicy(p, 200.0, 8)
+    blank = LearnedPolicy(rule)
+    state = QueueState(2, 30.0, active=[(4, 50.0, 2)] * 5, max_tokens=5)
+    assert blank.choose(state) == rule.choose(state)
     learned = train_learned(
-        p, deadline_ms=200, max_batch=8, rates=[5, 50, 200, 400], episodes=150, duration_s=10
+        p, deadline_ms=200, max_batch=8, rates=[20, 60, 120, 200], duration_s=6, passes=1
     )
     assert isinstance(learned, LearnedPolicy)
-    for rate in (5, 200):
-        got = simulate(learned, p, rate=rate, duration_s=20, deadline_ms=200, max_batch=8)
-        best = max(
-            simulate(
-                StaticPolicy(k), p, rate=rate, duration_s=20, deadline_ms=200, max_batch=8
+    assert learned.trained["utility_learned"] >= learned.trained["utility_rule"]
+    for rate in (20, 120):
+        sim = {
+            name: simulate(
+                policy, p, rate=rate, duration_s=20, deadline_ms=200, max_batch=8, seed=7
             ).mean_utility
-            for k in (1, 2, 4)
-        )
-        assert got.mean_utility >= 0.95 * best, (rate, got.mean_utility, best)
+            for name, policy in {
+                "1": StaticPolicy(1),
+                "2": StaticPolicy(2),
+                "4": StaticPolicy(4),
+                "learned": learned,
+            }.items()
+        }
+        best_static = max(sim[k] for k in ("1", "2", "4"))
+        assert sim["learned"] >= 0.95 * best_static, (rate, sim)
 
 
 def test_train_policy_command_and_serving_with_it(run_dir, capsys) -> None:
-    args = ["serve", "train-policy", str(run_dir), "--max-batch", "2", "--max-tokens", "2"]
-    args += ["--prompt-tokens", "8", "--episodes", "20", "--repeats", "1", "--deadline-ms", "500"]
-    assert main(args) == 0
+    """Profile, calibrate against the real server (1 s of load), search, save; then serve."""
+    args = ["serve", "train-policy", str(run_dir), "--max-batch", "2", "--max-tokens", "3"]
+    args += ["--prompt-tokens", "8", "--passes", "1", "--repeats", "1", "--deadline-ms", "500"]
+    assert main([*args, "--calibrate", "1"]) == 0
     text = capsys.readouterr().out
-    assert "learned" in text and "static k=4" in text
+    assert "learned" in text and "static k=4" in text and "calibration: overhead" in text
     data = json.loads((run_dir / "serve" / "policy.json").read_text())
-    assert data["version"] == 1 and data["policy"]["kind"] == "learned"
-    assert sorted(data["profile"]["batch_ms"]) == ["1", "2", "4"]
+    assert data["version"] == 2 and data["policy"]["kind"] == "learned"
+    prof = data["profile"]
+    assert sorted(prof["step_ms"]) == sorted(prof["prefill_ms"]) == ["1", "2", "4"]
+    assert prof["batch_sizes"] == [1, 2] and prof["scale"] > 0 and prof["overhead_ms"] >= 0
+    assert {"server_p50_ms", "simulated_p50_ms", "rate"} <= set(prof["calibration"])
     from hyperrouter.serve.policies import build_policy
 
     policy_file = run_dir / "serve" / "policy.json"
@@ -304,11 +426,15 @@ def test_train_policy_command_and_serving_with_it(run_dir, capsys) -> None:
         policy = build_policy(
             kind, k=None, num_experts=4, deadline_ms=500, max_batch=2, policy_file=policy_file
         )
-        assert policy.choose(QueueState(1, 0.0)) in (1, 2, 4)
+        assert policy.choose(QueueState(1, 0.0, max_tokens=3)) in (1, 2, 4)
     assert main(["serve", str(run_dir), "--policy", "learned", "--deadline-ms", "100"]) == 2
     assert "trained for --deadline-ms 500" in capsys.readouterr().err
+    assert main(["serve", str(run_dir), "--policy", "learned", "--deadline-ms", "500"]) == 2
+    assert "trained for --max-batch 2, not 8" in capsys.readouterr().err
     assert main(["serve", str(run_dir), "--policy", "magic"]) == 2
     assert "unknown --policy" in capsys.readouterr().err
+    assert main([*args, "--calibrate", "-1"]) == 2
+    assert "--calibrate must be in [0, 600]" in capsys.readouterr().err
 
 
 def test_bench_serve_command(run_dir, capsys, tmp_path) -> None:

@@ -788,12 +788,14 @@ def _adaptive(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a run over HTTP (OpenAI-compatible), k chosen per batch by a load policy",
+        help="serve a run over HTTP (OpenAI-compatible), k chosen per request by a load policy",
         description="`hyperrouter serve RUN` starts an HTTP server (FastAPI + uvicorn; install "
         "with `bash scripts/setup.sh serve`): POST /v1/completions (OpenAI-compatible, with an "
         "extension field k), POST /v1/score, GET /health, GET /metrics. "
-        "`hyperrouter serve train-policy RUN` measures the per-k latency profile and trains the "
-        "learned policy in simulation, writing RUN/serve/policy.json.",
+        "Requests join the running ones between generation steps (continuous batching), each "
+        "with its own k. `hyperrouter serve train-policy RUN` measures the per-k cost profile, "
+        "fits it to the real server (--calibrate) and searches the learned policy in "
+        "simulation, writing RUN/serve/policy.json.",
     )
     p.add_argument("target", nargs="+", metavar="RUN_DIR | train-policy RUN_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -804,8 +806,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, help="the static policy's k (default: all experts)")
     p.add_argument("--policy-file", metavar="PATH", help="default RUN_DIR/serve/policy.json")
     p.add_argument("--deadline-ms", type=float, default=1000.0, help="per request (default 1000)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests per batch (default 8)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait to fill a batch (5)")
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="requests generated together (default 8)"
+    )
+    p.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="when idle, wait for more requests (5)"
+    )
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before 429 (64)")
     p.add_argument("--max-prompt", type=int, default=4096, help="prompt limit, bytes (4096)")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens (512)")
@@ -814,8 +820,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--ks", type=_int_list, help="k values to choose from (default eval.top_ks)")
     group.add_argument("--prompt-tokens", type=int, default=64, help="profiled prompt (64)")
     group.add_argument("--max-tokens", type=int, default=32, help="profiled answer length (32)")
-    group.add_argument("--episodes", type=int, default=2000, help="Q-learning episodes (2000)")
+    group.add_argument(
+        "--passes", type=int, default=2, help="policy-search rounds over the table (2)"
+    )
     group.add_argument("--repeats", type=int, default=5, help="profile repeats (5)")
+    group.add_argument(
+        "--calibrate",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="fit the profile to the real server (loopback) with a load of this many seconds "
+        "(10; 0: the engine's times as measured)",
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -836,7 +852,7 @@ def _serve(args: argparse.Namespace) -> int:
         ("--max-tokens-limit", args.max_tokens_limit, 1),
         ("--prompt-tokens", args.prompt_tokens, 1),
         ("--max-tokens", args.max_tokens, 1),
-        ("--episodes", args.episodes, 1),
+        ("--passes", args.passes, 1),
         ("--repeats", args.repeats, 1),
         ("--port", args.port, 0),
     ):
@@ -864,6 +880,30 @@ def _serve(args: argparse.Namespace) -> int:
         for k in ks:
             engine.check_k(k, "--ks")
         check_writable(policy_file, "--policy-file", folder=False)
+        if args.calibrate < 0 or args.calibrate > 600:
+            raise HyperRouterError(f"--calibrate must be in [0, 600] seconds, got {args.calibrate}")
+        app_factory = None
+        if args.calibrate > 0:
+            try:
+                from hyperrouter.serve.app import Server, create_app
+            except ImportError as err:
+                raise HyperRouterError(
+                    f"--calibrate needs the serve extra ({err.name} is missing): "
+                    f"bash scripts/setup.sh serve, or --calibrate 0"
+                ) from None
+
+            def app_factory(policy):
+                return create_app(
+                    Server(
+                        engine,
+                        policy,
+                        deadline_ms=args.deadline_ms,
+                        max_batch=args.max_batch,
+                        max_wait_ms=args.max_wait_ms,
+                        max_queue=args.max_queue,
+                    )
+                )
+
         result = train_policy(
             engine,
             run_dir=run_dir,
@@ -871,16 +911,29 @@ def _serve(args: argparse.Namespace) -> int:
             ks=ks,
             deadline_ms=args.deadline_ms,
             max_batch=args.max_batch,
+            max_queue=args.max_queue,
             prompt_tokens=args.prompt_tokens,
             max_tokens=args.max_tokens,
-            episodes=args.episodes,
             repeats=args.repeats,
+            passes=args.passes,
+            calibrate_seconds=args.calibrate,
+            app_factory=app_factory,
         )
         profile = result["profile"]
-        print(f"profile ({profile.machine}), ms per batch of n requests:")
-        print(f"{'k':>4} " + " ".join(f"{'n=' + str(n):>9}" for n in profile.batch_sizes))
+        print(f"profile ({profile.machine}): prefill of {profile.prompt_tokens} tokens and one")
+        print("generation step with n running requests, ms (before the fitted scale):")
+        header = " ".join(f"{'n=' + str(n):>8}" for n in profile.batch_sizes)
+        print(f"{'k':>4} {'prefill':>8} {header}")
         for k in profile.ks:
-            print(f"{k:>4} " + " ".join(f"{t:>9.1f}" for t in profile.batch_ms[str(k)]))
+            steps = " ".join(f"{t:>8.2f}" for t in profile.step_ms[str(k)])
+            print(f"{k:>4} {profile.prefill_ms[str(k)]:>8.2f} {steps}")
+        print(f"fitted: overhead {profile.overhead_ms:.1f} ms per request, scale {profile.scale:g}")
+        learned = result["learned"]
+        print(
+            f"policy search: mean simulated utility {learned.trained['utility_rule']:.4f} (rule) "
+            f"-> {learned.trained['utility_learned']:.4f} (learned), "
+            f"{len(learned.table)} cells changed"
+        )
         print("simulated (60 s of Poisson arrivals per rate):")
         print(format_simulation(result["table"]))
         print(f"wrote {policy_file}")

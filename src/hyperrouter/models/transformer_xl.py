@@ -456,10 +456,15 @@ class TransformerXL(nn.Module):
         data: Tensor,
         mems: list[Tensor] | None = None,
         token_mask: Tensor | None = None,
+        mem_padding: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], Tensor, list[MoEOutput]]:
         """Hidden states [qlen, B, d_model] for tokens `data` [qlen, B] given memory `mems`.
 
         `token_mask` [qlen, B] (bool) marks real tokens for MoE routing (padding is not routed).
+        `mem_padding` [B] (int) says how many leading memory rows of each column are padding
+        (columns of different memory lengths batched together, as the server's steps do): no
+        query attends to them, and the relative positions of the real rows are unchanged, so
+        each column gets what it would get alone (up to float rounding).
         Returns (hidden, new_mems, aux_loss, moe_outputs): the summed auxiliary losses and, per
         MoE layer, its output (named losses, statistics, routing).
         """
@@ -474,6 +479,10 @@ class TransformerXL(nn.Module):
         attn_mask = torch.triu(ones, diagonal=1 + mlen)
         if self.config.same_length:
             attn_mask = attn_mask | torch.tril(ones, diagonal=-max(qlen, self.mem_len) + mlen)
+        if mem_padding is not None:  # [B, 1, qlen, klen]: also the padded memory rows
+            keys = torch.arange(klen, device=data.device)
+            padded = keys[None, :] < mem_padding.to(data.device)[:, None]
+            attn_mask = attn_mask[None, None] | padded[:, None, None, :]
         pos_seq = torch.arange(klen - 1, -1, -1.0, device=data.device, dtype=word_emb.dtype)
         if self.config.clamp_len > 0:
             pos_seq = pos_seq.clamp(max=self.config.clamp_len)

@@ -6,11 +6,13 @@ every response says which k served it), `POST /v1/score` (per-token loss, BPC or
 `GET /health`, `GET /metrics` (Prometheus text format).
 
 Requests wait in a bounded queue (a full queue answers 429 with Retry-After). One worker thread
-runs the model off the event loop: it takes the oldest request, waits up to `max_wait_ms` for
-more, up to `max_batch`, asks the policy for k (requests that pin k form their own groups), and
-generates the whole batch with its generation steps batched together (a new request waits for the
-running batch to end). Bad input gets a 4xx with OpenAI's error shape naming the field; the
-server keeps answering. On shutdown the queue is drained before the worker stops.
+runs the model off the event loop with continuous batching: between two generation steps it
+admits queued requests into the running set (up to `max_batch`; when idle it waits up to
+`max_wait_ms` for more), gives each its k (pinned by the request, else the policy's choice for
+the queue at that moment), prefills its prompt, and then runs every running request of one k as
+one forward per step, so a new request never waits for a running one to end. Bad input gets a
+4xx with OpenAI's error shape naming the field; the server keeps answering. On shutdown the
+queue and the running requests are finished before the worker stops.
 (No `from __future__ import annotations` here: FastAPI reads the handlers' annotations.)
 """
 
@@ -39,8 +41,9 @@ class Job:
     arrived: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    k: int | None = None
+    k: int | None = None  # pinned by the request
     seq: Sequence | None = None
+    k_used: int | None = None  # the k that serves it (pinned or the policy's)
     text: str = ""
     stream: asyncio.Queue | None = None
     cancelled: bool = False
@@ -78,7 +81,15 @@ class Metrics:
             "answers later than the deadline",
             registry=self.registry,
         )
-        self.batches = Counter("hyperrouter_batches", "batches run", registry=self.registry)
+        self.batches = Counter(
+            "hyperrouter_steps", "generation steps run (one forward each)", registry=self.registry
+        )
+        self.step_rows = Histogram(
+            "hyperrouter_step_requests",
+            "requests sharing one generation step",
+            buckets=[1, 2, 4, 8, 16, 32, 64],
+            registry=self.registry,
+        )
 
 
 class Server:
@@ -104,7 +115,7 @@ class Server:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self._arrivals: list[float] = []
-        self._held: Job | None = None
+        self.active: list[Job] = []  # requests being generated (the worker's own)
         self.model_name = str(engine.run.folder)
 
     # ------------------------------------------------------------------ worker
@@ -113,7 +124,7 @@ class Server:
         self.thread.start()
 
     def stop(self) -> None:
-        """Finish what is queued, then stop the worker."""
+        """Finish what is queued and running, then stop the worker."""
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(timeout=600)
@@ -124,66 +135,95 @@ class Server:
         self.jobs.put_nowait(job)  # queue.Full -> 429
         self.metrics.queue.set(self.jobs.qsize())
 
-    def _take_batch(self) -> list[Job]:
-        if self._held is not None:
-            held, self._held = self._held, None
-            return [held]
-        try:
-            first = self.jobs.get(timeout=0.05)
-        except queue.Empty:
-            return []
-        batch = [first]
-        if first.kind != "completion":
-            return batch
-        end = time.perf_counter() + self.max_wait_ms / 1000
-        while len(batch) < self.max_batch:
-            left = end - time.perf_counter()
+    def _work(self) -> None:
+        """Continuous batching: between two generation steps, queued requests join the running
+        ones (up to max_batch), each with its own k; a step runs every running request of one k
+        as one forward."""
+        while not (self.stopping.is_set() and self.jobs.empty() and not self.active):
+            for job in self._arrived():
+                self._admit(job)
+            self.metrics.queue.set(self.jobs.qsize())
+            if self.active:
+                self._step()
+
+    def _arrived(self) -> list[Job]:
+        """Requests to admit now: when idle, wait (up to 50 ms) for one, then up to max_wait_ms
+        for more; while generating, whatever is queued, up to the free slots."""
+        free = self.max_batch - len(self.active)
+        out: list[Job] = []
+        if not self.active:
             try:
-                job = self.jobs.get(timeout=max(left, 0)) if left > 0 else self.jobs.get_nowait()
+                out.append(self.jobs.get(timeout=0.05))
+            except queue.Empty:
+                return out
+            end = time.perf_counter() + self.max_wait_ms / 1000
+            while len(out) < free and (left := end - time.perf_counter()) > 0:
+                try:
+                    out.append(self.jobs.get(timeout=left))
+                except queue.Empty:
+                    break
+        while len(out) < free:
+            try:
+                out.append(self.jobs.get_nowait())
             except queue.Empty:
                 break
-            if job.kind != "completion":  # a score runs on its own, right after this batch
-                self._held = job
-                break
-            batch.append(job)
-        return batch
+        return out
 
-    def _work(self) -> None:
-        while not (self.stopping.is_set() and self.jobs.empty() and self._held is None):
-            batch = self._take_batch()
-            self.metrics.queue.set(self.jobs.qsize())
-            if batch:
-                self._run(batch)
-
-    def _state(self, batch: list[Job]) -> QueueState:
+    def _state(self, job: Job, waiting: int) -> QueueState:
         now = time.perf_counter()
         recent = [t for t in self._arrivals if now - t < 5.0]
-        oldest = min(job.arrived for job in batch)
-        return QueueState(len(batch) + self.jobs.qsize(), (now - oldest) * 1e3, len(recent) / 5.0)
+        active = [
+            (a.k_used, (now - a.arrived) * 1e3, a.seq.sampling.max_tokens - len(a.seq.out_ids))
+            for a in self.active
+        ]
+        max_tokens = job.seq.sampling.max_tokens if job.seq is not None else 1
+        return QueueState(waiting, (now - job.arrived) * 1e3, len(recent) / 5.0, active, max_tokens)
 
-    def _run(self, batch: list[Job]) -> None:
-        self.metrics.batches.inc()
-        if batch[0].kind == "score":
-            job = batch[0]
-            k = job.k if job.k is not None else self.policy.choose(self._state(batch))
+    def _admit(self, job: Job) -> None:
+        """Choose k (pinned, or the policy's), then score the text or prefill the prompt and
+        sample the first token; a completion that goes on joins the running requests."""
+        if job.kind == "completion" and job.seq.done:  # its client went away while it waited
+            return
+        k = job.k
+        if k is None:
+            k = self.policy.choose(self._state(job, self.jobs.qsize() + 1))
+        job.k_used = k
+        if job.kind == "score":
             self._finish(job, lambda: self.engine.score(job.text, k), k)
             return
-        free = [job for job in batch if job.k is None]
+        try:
+            self.engine.prefill(job.seq, k)
+            self.engine.sample(job.seq)
+        except Exception as err:  # noqa: BLE001 (one failed request must not stop the server)
+            job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+            return
+        if job.seq.done:
+            self._finish(job, lambda: job.seq, k)
+        else:
+            self.active.append(job)
+
+    def _step(self) -> None:
+        """One generation step of every running request (one forward per k among them)."""
+        self.active = [job for job in self.active if job.seq.finish_reason != "cancelled"]
         groups: dict[int, list[Job]] = {}
-        if free:
-            groups[self.policy.choose(self._state(batch))] = list(free)
-        for job in batch:
-            if job.k is not None:
-                groups.setdefault(job.k, []).append(job)
+        for job in self.active:
+            groups.setdefault(job.k_used, []).append(job)
         for k, jobs in groups.items():
+            self.metrics.batches.inc()
+            self.metrics.step_rows.observe(len(jobs))
             try:
-                self.engine.generate_batch([job.seq for job in jobs], k)
-            except Exception as err:  # noqa: BLE001 (one failed batch must not stop the server)
+                self.engine.step([job.seq for job in jobs], k)
                 for job in jobs:
+                    self.engine.sample(job.seq)
+            except Exception as err:  # noqa: BLE001
+                for job in jobs:
+                    job.seq.finish_reason = job.seq.finish_reason or "error"
                     job.loop.call_soon_threadsafe(_set_exception, job.future, err)
                 continue
             for job in jobs:
-                self._finish(job, lambda job=job: job.seq, k)
+                if job.seq.done:
+                    self._finish(job, lambda job=job: job.seq, k)
+        self.active = [job for job in self.active if not job.seq.done]
 
     def _finish(self, job: Job, compute, k: int) -> None:
         try:

@@ -2,10 +2,10 @@
 
 A request's text is encoded with the run's vocabulary; the prompt runs through the model in
 segments of at most the training length with recurrence memory (as evaluation does), then every
-new token is one step of the model on that memory. A batch runs the generation steps of all its
-requests together: the requests are stacked as columns (grouped by their current memory length,
-which is equal for all once their context reaches mem_len), so that a step costs one forward for
-the whole group. Sampling draws from each request's own generator, seeded by the request, so a
+new token is one step of the model on that memory. A step runs every sequence given to it as one
+forward: the sequences are stacked as columns, their memories left-padded to the longest and the
+padding masked, so requests at different points of their generation share a step (the server's
+continuous batching). Sampling draws from each request's own generator, seeded by the request, so a
 request gets the same text alone or in a batch, at the same k (up to float rounding of batched
 matrix products, which moves a draw only when it falls within ~1e-7 of a boundary).
 
@@ -197,20 +197,38 @@ class Engine:
 
     @torch.no_grad()
     def step(self, seqs: list[Sequence], k: int) -> None:
-        """One generation step for every sequence (their last sampled token in, new logits out);
-        sequences with the same memory length run as one batch."""
+        """One generation step of every sequence as one forward at k (their last sampled token
+        in, new logits out). Memories of different lengths are left-padded to the longest and
+        the padding masked (`TransformerXL.body`'s mem_padding), so requests that started at
+        different times share the step."""
+        if not seqs:
+            return
         self._set_k(k)
-        groups: dict[int, list[Sequence]] = {}
-        for seq in seqs:
-            groups.setdefault(seq.mem_rows, []).append(seq)
-        for group in groups.values():
-            last = torch.tensor([[s.out_ids[-1] for s in group]], device=self.device)
-            mems = [torch.cat([s.mems[i] for s in group], 1) for i in range(len(group[0].mems))]
-            hidden, new_mems, _, _ = self.model.body(last, mems)
-            log_probs = self.model.crit.log_prob(hidden[-1]).float()
-            for j, s in enumerate(group):
-                s.mems = [m[:, j : j + 1] for m in new_mems]
-                s.logits = log_probs[j]
+        last = torch.tensor([[s.out_ids[-1] for s in seqs]], device=self.device)
+        rows = [s.mem_rows for s in seqs]
+        top = max(rows)
+        mems: list[Tensor] = []
+        padding = None
+        if top:
+            layers = len(next(s.mems for s in seqs if s.mems))
+            for i in range(layers):
+                columns = []
+                for seq, n in zip(seqs, rows):
+                    if n == top:
+                        columns.append(seq.mems[i])
+                        continue
+                    template = next(s.mems[i] for s in seqs if s.mems)
+                    pad = template.new_zeros(top - n, 1, template.shape[-1])
+                    columns.append(torch.cat([pad, seq.mems[i]]) if n else pad)
+                mems.append(torch.cat(columns, 1))
+            if min(rows) < top:
+                padding = torch.tensor([top - n for n in rows], device=self.device)
+        hidden, new_mems, _, _ = self.model.body(last, mems, mem_padding=padding)
+        log_probs = self.model.crit.log_prob(hidden[-1]).float()
+        for j, (seq, n) in enumerate(zip(seqs, rows)):
+            keep = min(n + 1, self.mem_len)
+            seq.mems = [m[-keep:, j : j + 1] for m in new_mems]
+            seq.logits = log_probs[j]
 
     def sample(self, seq: Sequence) -> None:
         """Draw the next token of `seq` and end it at max_tokens or a stop string."""
@@ -274,21 +292,30 @@ class Engine:
 
     @torch.no_grad()
     def score(self, text: str, k: int) -> dict[str, float | int | list[float]]:
-        """Per-token loss (nats) of `text` after its first token, with memory, at k."""
+        """Per-token loss (nats) of `text` after its first token at k, read exactly as
+        `hyperrouter eval` reads a corpus (segments of eval.tgt_len with eval's memory), so the
+        mean equals evaluation's loss on the same ids."""
+        from hyperrouter.train.evaluate import eval_mem_len
+
         ids = self.encode(text, "text")
         if len(ids) < 2:
             raise BadRequest("text needs at least two tokens to score", "text")
         self._set_k(k)
+        config = self.run.config
+        segment = config.eval.tgt_len
         data = torch.tensor(ids, dtype=torch.long, device=self.device)
         losses: list[Tensor] = []
         mems: list[Tensor] = []
-        for start in range(0, len(ids) - 1, self.segment):
-            inp = data[start : start + self.segment, None]
-            target = data[start + 1 : start + 1 + len(inp), None]
-            inp = inp[: len(target)]
-            out = self.model(inp, target, mems)
-            mems = out.mems
-            losses.append(out.nll.float().reshape(-1))
+        self.model.mem_len = eval_mem_len(config)
+        try:
+            for start in range(0, len(ids) - 1, segment):
+                target = data[start + 1 : start + 1 + segment, None]
+                inp = data[start : start + len(target), None]
+                out = self.model(inp, target, mems)
+                mems = out.mems
+                losses.append(out.nll.float().reshape(-1))
+        finally:
+            self.model.mem_len = self.mem_len
         nll = torch.cat(losses)
         mean = float(nll.double().mean())
         result: dict[str, float | int | list[float]] = {
