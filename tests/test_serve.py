@@ -170,9 +170,10 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(served, reference) 
         assert answer["choices"][0]["text"] == want
 
 
-def test_a_step_over_memories_of_different_lengths_equals_each_alone(reference) -> None:
-    """The engine pads shorter memories (masked): each request's next-token logits in a shared
-    step equal its own step alone (fp32 rounding of batched products)."""
+def test_steps_over_memories_of_different_lengths_equal_each_alone(reference) -> None:
+    """The engine pads shorter memories (masked), and the next steps of the same requests reuse
+    the batch: each request's next-token logits at every shared step equal its own steps alone
+    (greedy, so the tokens fed back are the same; fp32 rounding of batched products)."""
     import torch
 
     from hyperrouter.serve.engine import Sampling
@@ -180,21 +181,62 @@ def test_a_step_over_memories_of_different_lengths_equals_each_alone(reference) 
     prompts = ["ROMEO: the", "a", "JULIET: what light through yonder window breaks " * 2]
     alone = []
     for i, prompt in enumerate(prompts):
-        seq = reference.new_sequence(prompt, Sampling(5, 1.0, 1.0, [], i))
+        seq = reference.new_sequence(prompt, Sampling(5, 0.0, 1.0, [], i))
         reference.prefill(seq, 2)
         reference.sample(seq)
-        reference.step([seq], 2)
-        alone.append(seq.logits)
+        logits = []
+        for _ in range(3):
+            reference.step([seq], 2)
+            logits.append(seq.logits)
+            reference.sample(seq)
+        alone.append(logits)
     together = [
-        reference.new_sequence(p, Sampling(5, 1.0, 1.0, [], i)) for i, p in enumerate(prompts)
+        reference.new_sequence(p, Sampling(5, 0.0, 1.0, [], i)) for i, p in enumerate(prompts)
     ]
     for seq in together:
         reference.prefill(seq, 2)
         reference.sample(seq)
     assert len({seq.mem_rows for seq in together}) == 3  # three memory lengths
-    reference.step(together, 2)
-    for want, seq in zip(alone, together):
-        torch.testing.assert_close(seq.logits, want, rtol=1e-5, atol=1e-5)
+    for step in range(3):
+        reference.step(together, 2)
+        for want, seq in zip(alone, together):
+            torch.testing.assert_close(seq.logits, want[step], rtol=1e-5, atol=1e-5)
+            reference.sample(seq)
+
+
+def test_key_value_memory_equals_the_models_hidden_state_memory(reference) -> None:
+    """The engine keeps memory as projected keys and values; the slow, obvious path (the model's
+    own forward over the same tokens with hidden-state memory, one token per call after the
+    prompt) gives the same next-token log-probabilities at every step."""
+    import torch
+
+    from hyperrouter.serve.engine import Sampling
+
+    engine = reference
+    prompt = "JULIET: what light through yonder window breaks " * 2
+    seq = engine.new_sequence(prompt, Sampling(6, 0.0, 1.0, [], 0))
+    engine.prefill(seq, 2)
+    fast = [seq.logits]
+    engine.sample(seq)
+    while not seq.done:
+        engine.step([seq], 2)
+        fast.append(seq.logits)
+        engine.sample(seq)
+    model = engine.model
+    ids = torch.tensor(seq.prompt_ids + seq.out_ids)
+    mems: list = []
+    slow = []
+    with torch.no_grad():
+        n = len(seq.prompt_ids)
+        for start in range(0, n, engine.segment):
+            hidden, mems, _, _ = model.body(ids[start : min(start + engine.segment, n), None], mems)
+        slow.append(model.crit.log_prob(hidden[-1]).float()[0])
+        for t in range(n, len(ids) - 1):
+            hidden, mems, _, _ = model.body(ids[t : t + 1, None], mems)
+            slow.append(model.crit.log_prob(hidden[-1]).float()[0])
+    assert len(fast) == len(slow) == 6
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32: projections split
 
 
 def test_a_request_joins_a_running_generation(served, reference) -> None:

@@ -241,17 +241,26 @@ class RelPartialLearnableAttention(nn.Module):
         r_r_bias: Tensor,
         attn_mask: Tensor,
         mems: Tensor | None,
-    ) -> Tensor:
+        kv_memory: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The attention block's output; with `kv_memory`, `mems` holds the memory rows' keys
+        and values already projected ([mlen, B, 2 n_head d_head], as this returns them for the
+        next call) and the output comes with the keys and values of memory + segment."""
         qlen, bsz = w.shape[0], w.shape[1]
         n_head, d_head = self.n_head, self.d_head
-        cat = w if mems is None or mems.numel() == 0 else torch.cat([mems, w], 0)
-        klen = cat.shape[0]
         # q only for the current segment (memory rows are keys and values, never queries): the
         # q rows and the k, v rows of qkv_net's weight as views, the parameters unchanged
         width = n_head * d_head
         weight = self.qkv_net.weight
         q = F.linear(w, weight[:width]).view(qlen, bsz, n_head, d_head)
-        kv = F.linear(cat, weight[width:]).view(klen, bsz, 2, n_head, d_head)
+        no_memory = mems is None or mems.numel() == 0
+        if kv_memory:  # the memory's projections are reused, only the segment's are new
+            rows = F.linear(w, weight[width:])
+            kv_rows = rows if no_memory else torch.cat([mems, rows], 0)
+        else:
+            kv_rows = F.linear(w if no_memory else torch.cat([mems, w], 0), weight[width:])
+        klen = kv_rows.shape[0]
+        kv = kv_rows.view(klen, bsz, 2, n_head, d_head)
         q_BHQD = q.permute(1, 2, 0, 3)
         k_BHKD = kv[:, :, 0].permute(1, 2, 0, 3)
         v_BHKD = kv[:, :, 1].permute(1, 2, 0, 3)
@@ -274,7 +283,8 @@ class RelPartialLearnableAttention(nn.Module):
             prob = self.dropatt(torch.softmax(score, dim=-1).to(v_BHKD.dtype))
             vec = torch.matmul(prob, v_BHKD)
         vec = vec.permute(2, 0, 1, 3).reshape(qlen, bsz, n_head * d_head)
-        return self.layer_norm(w + self.drop(self.o_net(vec)))
+        out = self.layer_norm(w + self.drop(self.o_net(vec)))
+        return (out, kv_rows) if kv_memory else out
 
 
 class FeedForward(nn.Module):
@@ -309,7 +319,12 @@ class DecoderLayer(nn.Module):
         )
         self.ff = FeedForward(c.d_model, c.d_inner, c.dropout, moe)
 
-    def forward(self, x, r, r_w_bias, r_r_bias, attn_mask, mems, token_mask, routing_ids):
+    def forward(
+        self, x, r, r_w_bias, r_r_bias, attn_mask, mems, token_mask, routing_ids, kv_memory=False
+    ):
+        if kv_memory:
+            x, kv = self.attn(x, r, r_w_bias, r_r_bias, attn_mask, mems, kv_memory=True)
+            return (*self.ff(x, token_mask, routing_ids), kv)
         x = self.attn(x, r, r_w_bias, r_r_bias, attn_mask, mems)
         return self.ff(x, token_mask, routing_ids)
 
@@ -457,6 +472,7 @@ class TransformerXL(nn.Module):
         mems: list[Tensor] | None = None,
         token_mask: Tensor | None = None,
         mem_padding: Tensor | None = None,
+        kv_memory: bool = False,
     ) -> tuple[Tensor, list[Tensor], Tensor, list[MoEOutput]]:
         """Hidden states [qlen, B, d_model] for tokens `data` [qlen, B] given memory `mems`.
 
@@ -465,6 +481,10 @@ class TransformerXL(nn.Module):
         (columns of different memory lengths batched together, as the server's steps do): no
         query attends to them, and the relative positions of the real rows are unchanged, so
         each column gets what it would get alone (up to float rounding).
+        `kv_memory` keeps the memory as each layer's projected keys and values instead of its
+        input hidden states (the same attention, without projecting the memory rows again at
+        every call: what generation one token at a time wants); `mems` and the returned memory
+        are then one [mlen, B, 2 n_head d_head] tensor per layer.
         Returns (hidden, new_mems, aux_loss, moe_outputs): the summed auxiliary losses and, per
         MoE layer, its output (named losses, statistics, routing).
         """
@@ -489,6 +509,7 @@ class TransformerXL(nn.Module):
         core = self.drop(word_emb)
         pos = self.drop(self.pos_emb(pos_seq).to(word_emb.dtype))
         hids = [core]
+        kvs: list[Tensor] = []
         aux = word_emb.new_zeros((), dtype=torch.float32)
         moe_outs: list[MoEOutput] = []
         routing_ids = {}
@@ -501,7 +522,7 @@ class TransformerXL(nn.Module):
             if moe is not None and moe.gate_map is not None and moe_outs:
                 # MoE++'s gating residual: the previous MoE layer's logits
                 layer_ids = {**routing_ids, "previous_logits": moe_outs[-1].routing.logits}
-            core, moe_out = layer(
+            out = layer(
                 core,
                 pos,
                 self.r_w_bias,
@@ -510,13 +531,20 @@ class TransformerXL(nn.Module):
                 mems[i] if mems else None,
                 token_mask,
                 layer_ids,
+                kv_memory,
             )
+            core, moe_out = out[0], out[1]
+            if kv_memory:
+                kvs.append(out[2])
             if moe_out is not None:
                 for value in moe_out.aux_losses.values():
                     aux = aux + value
                 moe_outs.append(moe_out)
             hids.append(core)
-        new_mems = self._update_mems(hids, mems, qlen)
+        if kv_memory:
+            new_mems = [kv[-self.mem_len :].detach() for kv in kvs] if self.mem_len > 0 else []
+        else:
+            new_mems = self._update_mems(hids, mems, qlen)
         return self.drop(core), new_mems, aux, moe_outs
 
     def features(

@@ -1,8 +1,10 @@
 """The model behind `hyperrouter serve`: scoring and sampling at any k, one request or a batch.
 
 A request's text is encoded with the run's vocabulary; the prompt runs through the model in
-segments of at most the training length with recurrence memory (as evaluation does), then every
-new token is one step of the model on that memory. A step runs every sequence given to it as one
+segments of at most the training length with recurrence memory, then every new token is one step
+of the model on that memory. The memory is kept as each layer's projected keys and values
+(`TransformerXL.body`'s kv_memory), so a step projects only its new token, not the whole memory
+again. A step runs every sequence given to it as one
 forward: the sequences are stacked as columns, their memories left-padded to the longest and the
 padding masked, so requests at different points of their generation share a step (the server's
 continuous batching). Sampling draws from each request's own generator, seeded by the request, so a
@@ -128,6 +130,9 @@ class Engine:
         self.max_prompt = max_prompt
         self.max_tokens_limit = max_tokens_limit
         self.model.mem_len = self.mem_len
+        # the batched memory of the last steps, by their requests (ids), with each request's
+        # memory view: a step of the same requests reuses it instead of stacking them again
+        self._batches: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor]]] = {}
 
     # ------------------------------------------------------------------ input
     def check_k(self, k: object, param: str = "k") -> int:
@@ -191,7 +196,7 @@ class Engine:
         hidden = None
         for start in range(0, len(ids), self.segment):
             chunk = ids[start : start + self.segment, None]
-            hidden, mems, _, _ = self.model.body(chunk, mems)
+            hidden, mems, _, _ = self.model.body(chunk, mems, kv_memory=True)
         seq.mems = mems
         seq.logits = self.model.crit.log_prob(hidden[-1]).float()[0]
 
@@ -207,28 +212,41 @@ class Engine:
         last = torch.tensor([[s.out_ids[-1] for s in seqs]], device=self.device)
         rows = [s.mem_rows for s in seqs]
         top = max(rows)
-        mems: list[Tensor] = []
+        key = tuple(id(s) for s in seqs)
+        reuse = self._batches.pop(key, None)
+        if reuse is not None and all(s.mems and s.mems[0] is v for s, v in zip(seqs, reuse[1])):
+            mems = reuse[0]  # the same requests as their last step: its batched memory as it is
+        else:
+            mems = self._stack_memory(seqs, rows, top)
         padding = None
-        if top:
-            layers = len(next(s.mems for s in seqs if s.mems))
-            for i in range(layers):
-                columns = []
-                for seq, n in zip(seqs, rows):
-                    if n == top:
-                        columns.append(seq.mems[i])
-                        continue
-                    template = next(s.mems[i] for s in seqs if s.mems)
-                    pad = template.new_zeros(top - n, 1, template.shape[-1])
-                    columns.append(torch.cat([pad, seq.mems[i]]) if n else pad)
-                mems.append(torch.cat(columns, 1))
-            if min(rows) < top:
-                padding = torch.tensor([top - n for n in rows], device=self.device)
-        hidden, new_mems, _, _ = self.model.body(last, mems, mem_padding=padding)
+        if min(rows) < top:
+            padding = torch.tensor([top - n for n in rows], device=self.device)
+        hidden, new_mems, _, _ = self.model.body(last, mems, mem_padding=padding, kv_memory=True)
         log_probs = self.model.crit.log_prob(hidden[-1]).float()
         for j, (seq, n) in enumerate(zip(seqs, rows)):
             keep = min(n + 1, self.mem_len)
             seq.mems = [m[-keep:, j : j + 1] for m in new_mems]
             seq.logits = log_probs[j]
+        self._batches[key] = (new_mems, [s.mems[0] for s in seqs])
+        while len(self._batches) > 8:  # one per k served together is enough
+            self._batches.pop(next(iter(self._batches)))
+
+    def _stack_memory(self, seqs: list[Sequence], rows: list[int], top: int) -> list[Tensor]:
+        """The sequences' memories as one batch, each left-padded with zeros to `top` rows."""
+        if not top:
+            return []
+        template = next(s.mems for s in seqs if s.mems)
+        mems = []
+        for i, like in enumerate(template):
+            columns = []
+            for seq, n in zip(seqs, rows):
+                if n == top:
+                    columns.append(seq.mems[i])
+                    continue
+                pad = like.new_zeros(top - n, 1, like.shape[-1])
+                columns.append(torch.cat([pad, seq.mems[i]]) if n else pad)
+            mems.append(torch.cat(columns, 1))
+        return mems
 
     def sample(self, seq: Sequence) -> None:
         """Draw the next token of `seq` and end it at max_tokens or a stop string."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -321,10 +322,16 @@ def simulate(
                 active.append([k, arrived, tokens - 1])
                 counts[k] = counts.get(k, 0) + 1
         if active:
-            now += profile.step_time_ms(counts)
+            # the running set stays the same until one ends or a request arrives that could
+            # join: take those steps at once (the same times as one by one)
+            step = profile.step_time_ms(counts)
+            steps = int(min(entry[2] for entry in active))
+            if i < len(times) and len(active) < max_batch and step > 0:
+                steps = min(steps, max(1, math.ceil((times[i] - now) / step)))
+            now += steps * step
             still = []
             for entry in active:
-                entry[2] -= 1
+                entry[2] -= steps
                 if entry[2] <= 0:
                     counts[int(entry[0])] -= 1
                     finish(int(entry[0]), entry[1])
