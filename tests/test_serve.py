@@ -547,3 +547,51 @@ def test_a_policy_file_for_another_model_is_refused(run_dir, capsys) -> None:
         build_policy(
             "rule", k=None, num_experts=2, deadline_ms=500, max_batch=2, policy_file=policy_file
         )
+
+
+def test_load_test_targets_are_read_from_the_records() -> None:
+    """`bench serve`'s summary: sustained rates (< 1 % misses at that and every lower rate),
+    the first rate where static k = E misses > 5 %, and utility against the best static k."""
+    from hyperrouter.serve.loadtest import LoadRecord, format_targets, targets
+
+    def rec(policy, rate, miss, quality, utility, se=0.001):
+        return LoadRecord(
+            policy,
+            "poisson",
+            rate,
+            100,
+            int(100 * (1 - miss)),
+            0,
+            0,
+            0.0,
+            miss,
+            0.0,
+            0.0,
+            0.0,
+            quality,
+            utility,
+            se,
+        )
+
+    records = [
+        rec("static:4", 5, 0.0, 0.15, 0.15),
+        rec("static:4", 10, 0.2, 0.15, 0.12),
+        rec("static:4", 20, 0.9, 0.15, 0.015),
+        rec("static:1", 5, 0.0, 0.10, 0.10),
+        rec("static:1", 10, 0.0, 0.10, 0.10),
+        rec("static:1", 20, 0.005, 0.10, 0.0995),
+        rec("learned", 5, 0.0, 0.15, 0.15),
+        rec("learned", 10, 0.005, 0.14, 0.139),
+        rec("learned", 20, 0.02, 0.11, 0.09),
+    ]
+    t = targets(records, [1, 2, 4])
+    assert t["sustained_rate"] == {"static:4": 5, "static:1": 20, "learned": 10}
+    assert t["sustained_multiple"]["learned"] == 2.0
+    assert t["first_rate_static_top_misses_5pct"] == 10
+    row = t["at_that_rate"]["learned"]
+    assert row["miss_rate"] == 0.005 and row["closer_to_top_than_static_low"] is True
+    versus = {(v["rate"], v["policy"]): v for v in t["versus_best_static"]}
+    assert versus[(10, "learned")]["best_static"] == "static:4"
+    assert versus[(10, "learned")]["at_least_best_static"]
+    assert not versus[(20, "learned")]["at_least_best_static"]  # 0.09 < 0.0995 - 0.0028
+    assert "at 10/s (static k = E first misses > 5 %)" in format_targets(t)

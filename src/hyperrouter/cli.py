@@ -382,6 +382,8 @@ def _bench_serve(args: argparse.Namespace) -> int:
         "max_tokens": max_tokens,
         "prompt_tokens": prompt_tokens,
     }
+    meta["targets"] = loadtest.targets(records, list(profile.ks))
+    print(loadtest.format_targets(meta["targets"]))
     png = loadtest.write_outputs(records, meta, json_path)
     print(f"wrote {json_path}" + (f" and {png}" if png else ""))
     return 0

@@ -42,6 +42,7 @@ class LoadRecord:
     mean_k: float
     mean_quality: float
     mean_utility: float
+    utility_se: float = 0.0  # standard error of the mean utility (over the requests)
 
 
 def free_port() -> int:
@@ -195,7 +196,12 @@ def _summarise(name, pattern, rate, duration_s, deadline_ms, results, quality) -
     ok = [r for r in results if r["status"] == 200]
     in_time = [r for r in ok if r["latency_ms"] <= deadline_ms]
     latencies = sorted(r["latency_ms"] for r in ok) or [float("nan")]
-    utility = sum(quality[str(r["k"])] for r in in_time) / max(n, 1)
+    utilities = [
+        quality[str(r["k"])] if r["status"] == 200 and r["latency_ms"] <= deadline_ms else 0.0
+        for r in results
+    ]
+    utility = sum(utilities) / max(n, 1)
+    se = statistics.stdev(utilities) / n**0.5 if n > 1 else 0.0
     return LoadRecord(
         policy=name,
         pattern=pattern,
@@ -211,7 +217,111 @@ def _summarise(name, pattern, rate, duration_s, deadline_ms, results, quality) -
         mean_k=round(statistics.fmean(r["k"] for r in ok), 3) if ok else float("nan"),
         mean_quality=round(statistics.fmean(quality[str(r["k"])] for r in ok), 5) if ok else 0.0,
         mean_utility=round(utility, 5),
+        utility_se=round(se, 5),
     )
+
+
+def targets(records: list[LoadRecord], ks: list[int]) -> dict[str, Any]:
+    """The issue's questions, answered from one load test (policies named as `bench serve`
+    names them: static:K, rule, learned):
+
+    - per policy, the highest tested rate answered with < 1 % misses (and every lower tested
+      rate too), and that rate as a multiple of static k = E's;
+    - the first rate where static k = E misses more than 5 %, and there each policy's misses,
+      mean quality, and whether its quality is closer to k = E's than static k = 1's is;
+    - per rate, the learned (and rule) policy's mean utility against the best static k's, with
+      the two standard errors combined (a difference within 2 of them is within the spread)."""
+    by_policy: dict[str, list[LoadRecord]] = {}
+    for r in records:
+        by_policy.setdefault(r.policy, []).append(r)
+    for rows in by_policy.values():
+        rows.sort(key=lambda r: r.rate)
+    out: dict[str, Any] = {"sustained_rate": {}}
+    for name, rows in by_policy.items():
+        best = None
+        for r in rows:
+            if r.miss_rate >= 0.01:
+                break
+            best = r.rate
+        out["sustained_rate"][name] = best
+    top, low = f"static:{max(ks)}", f"static:{min(ks)}"
+    base = out["sustained_rate"].get(top)
+    out["sustained_multiple"] = {
+        name: (rate / base if rate is not None and base else None)
+        for name, rate in out["sustained_rate"].items()
+    }
+    first = next((r.rate for r in by_policy.get(top, []) if r.miss_rate > 0.05), None)
+    out["first_rate_static_top_misses_5pct"] = first
+    if first is not None:
+        at = {
+            name: next((r for r in rows if r.rate == first), None)
+            for name, rows in by_policy.items()
+        }
+        q_top = at.get(top).mean_quality if at.get(top) else None
+        q_low = at.get(low).mean_quality if at.get(low) else None
+        out["at_that_rate"] = {
+            name: {
+                "miss_rate": r.miss_rate,
+                "mean_quality": r.mean_quality,
+                "closer_to_top_than_static_low": (
+                    None
+                    if q_top is None or q_low is None
+                    else abs(r.mean_quality - q_top) < abs(q_low - q_top)
+                ),
+            }
+            for name, r in at.items()
+            if r is not None
+        }
+    rates = sorted({r.rate for r in records})
+    versus = []
+    for rate in rates:
+        rows = {r.policy: r for r in records if r.rate == rate}
+        statics = [r for name, r in rows.items() if name.startswith("static:")]
+        if not statics:
+            continue
+        best = max(statics, key=lambda r: r.mean_utility)
+        for name in ("rule", "learned"):
+            if name in rows:
+                r = rows[name]
+                spread = 2 * (r.utility_se**2 + best.utility_se**2) ** 0.5
+                versus.append(
+                    {
+                        "rate": rate,
+                        "policy": name,
+                        "utility": r.mean_utility,
+                        "best_static": best.policy,
+                        "best_static_utility": best.mean_utility,
+                        "spread": round(spread, 5),
+                        "at_least_best_static": r.mean_utility >= best.mean_utility - spread,
+                    }
+                )
+    out["versus_best_static"] = versus
+    return out
+
+
+def format_targets(t: dict[str, Any]) -> str:
+    lines = ["highest tested rate with < 1 % misses (x static k = E's):"]
+    for name, rate in t["sustained_rate"].items():
+        multiple = t["sustained_multiple"].get(name)
+        shown = "none" if rate is None else f"{rate:g}/s"
+        lines.append(f"  {name:<12} {shown}" + (f" ({multiple:.2f}x)" if multiple else ""))
+    first = t["first_rate_static_top_misses_5pct"]
+    if first is None:
+        lines.append("static k = E missed <= 5 % at every tested rate")
+    else:
+        lines.append(f"at {first:g}/s (static k = E first misses > 5 %):")
+        for name, row in t["at_that_rate"].items():
+            closer = row["closer_to_top_than_static_low"]
+            note = "" if closer is None else (", quality closer to k = E" if closer else "")
+            quality = f"quality {row['mean_quality']:.4f}"
+            lines.append(f"  {name:<12} misses {row['miss_rate']:.1%}, {quality}{note}")
+    for row in t["versus_best_static"]:
+        mark = ">=" if row["at_least_best_static"] else "<"
+        lines.append(
+            f"  {row['rate']:g}/s {row['policy']}: utility {row['utility']:.4f} {mark} best static "
+            f"({row['best_static']}) {row['best_static_utility']:.4f} within +-{row['spread']:.4f}"
+        )
+    return "\n".join(lines)
 
 
 def format_records(records: list[LoadRecord]) -> str:
