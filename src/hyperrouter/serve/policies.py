@@ -12,16 +12,18 @@ and this request's max_tokens.
 - `rule`: the largest k for which the model of the server (`Profile`: measured step and prefill
   times per k and number of running requests) predicts that this request and every running one
   still finish within margin x deadline.
-- `learned`: a table from (the rule's k, waiting requests bucket, running requests bucket) to k,
+- `learned`: a table from (the rule's k, waiting requests, running requests, the arrival rate
+  relative to what k = E sustains; each in a few buckets) to k,
   found by policy search in `simulate`, a step-level model of the continuously batching server
   driven by the profile and the per-k quality. The table starts as the rule (each cell chooses
   the rule's k) and coordinate ascent changes one cell at a time when that raises the mean
   utility over a fixed set of simulated traffic traces (several rates, Poisson and bursty,
   common random numbers). Jha et al. train a Double DQN on the queue state; here the state has
-  at most 75 cells and the objective can be evaluated directly, so searching the policy itself
-  optimises what is measured without a value function to fit, and it cannot end worse than the
-  rule on the traces it was trained on. (The previous version, tabular Q-learning over
-  queue x wait buckets, was worse than the best static k at every rate but one.)
+  at most 300 cells (few of them visited) and the objective can be evaluated directly, so
+  searching the policy itself optimises what is measured without a value function to fit, and
+  it cannot end worse than the rule on the traces it was trained on. (The previous version,
+  tabular Q-learning over queue x wait buckets, was worse than the best static k at every rate
+  but one.)
 
 A request's utility is its quality if it is answered within the deadline, else 0; the quality at
 k is exp(-loss at k), the model's geometric-mean probability of the next token (2^-BPC for
@@ -45,6 +47,7 @@ POLICIES = ("static", "rule", "learned")
 POLICY_VERSION = 2
 WAITING_BUCKETS = (1, 2, 4, 8)  # upper edges of requests waiting (this one included): 5 buckets
 RUNNING_BUCKETS = (0.25, 0.75)  # running requests / max_batch: 3 buckets
+RATE_BUCKETS = (0.75, 1.25, 2.0)  # arrival rate / the profile's capacity at k = E: 4 buckets
 
 
 @dataclass
@@ -170,20 +173,33 @@ class RulePolicy(Policy):
         return {"kind": self.kind, "deadline_ms": self.deadline_ms, "margin": self.margin}
 
 
-def features(rule_k: int, state: QueueState, max_batch: int) -> str:
-    """The learned policy's state cell: 'rule k, waiting bucket, running bucket'."""
+def capacity(profile: Profile, max_batch: int, k: int | None = None) -> float:
+    """Requests/s the profile serves at k (default E) with max_batch running requests."""
+    k = max(profile.ks) if k is None else k
+    per_request = profile.prefill_time_ms(k) + max(profile.max_tokens - 1, 0) * (
+        profile.one_step_ms(k, max_batch) / max_batch
+    )
+    return 1000.0 / max(per_request, 1e-9)
+
+
+def features(rule_k: int, state: QueueState, max_batch: int, full_rate: float) -> str:
+    """The learned policy's state cell: 'rule k, waiting bucket, running bucket, rate bucket'
+    (the arrival rate relative to `full_rate`, what the server sustains at k = E)."""
     w = bisect.bisect_left(WAITING_BUCKETS, state.waiting)
     r = bisect.bisect_left(RUNNING_BUCKETS, len(state.active) / max(max_batch, 1))
-    return f"{rule_k},{w},{r}"
+    a = bisect.bisect_left(RATE_BUCKETS, state.arrival_rate / max(full_rate, 1e-9))
+    return f"{rule_k},{w},{r},{a}"
 
 
 @dataclass
 class LearnedPolicy(Policy):
-    """The k of the state's cell in a learned table (the rule's k where the table is silent)."""
+    """The k of the state's cell in a learned table; where the table is silent, the learned k
+    of the arrival-rate bucket (`by_rate`), else the rule's k."""
 
     rule: RulePolicy
     table: dict[str, int] = field(default_factory=dict)
     trained: dict[str, Any] = field(default_factory=dict)
+    by_rate: dict[str, int] = field(default_factory=dict)  # rate bucket -> k
     kind = "learned"
 
     @property
@@ -196,11 +212,14 @@ class LearnedPolicy(Policy):
 
     def cell(self, state: QueueState) -> tuple[str, int]:
         rule_k = self.rule.choose(state)
-        return features(rule_k, state, self.rule.max_batch), rule_k
+        full_rate = capacity(self.rule.profile, self.rule.max_batch)
+        return features(rule_k, state, self.rule.max_batch, full_rate), rule_k
 
     def choose(self, state: QueueState) -> int:
         cell, rule_k = self.cell(state)
-        return self.table.get(cell, rule_k)
+        if cell in self.table:
+            return self.table[cell]
+        return self.by_rate.get(cell.rsplit(",", 1)[1], rule_k)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -210,6 +229,7 @@ class LearnedPolicy(Policy):
             "max_batch": self.rule.max_batch,
             "margin": self.rule.margin,
             "table": self.table,
+            "by_rate": self.by_rate,
             "trained": self.trained,
         }
 
@@ -366,13 +386,14 @@ def train_learned(
     rates: list[float],
     duration_s: float = 20.0,
     passes: int = 2,
-    max_cells: int = 40,
+    max_cells: int = 60,
     seed: int = 0,
     log=None,
 ) -> LearnedPolicy:
-    """Policy search from the rule: for the most visited cells in turn, try every other k and
-    keep it if the mean utility over the training traces (each rate Poisson and bursty, fixed
-    seeds) rises; `passes` rounds or until nothing changes."""
+    """Policy search from the rule, keeping a change only if the mean utility over the training
+    traces (each rate Poisson and bursty, fixed seeds) rises: first one k for all the states of
+    an arrival-rate bucket (or the rule there), then, for the most visited cells in turn, every
+    other k; `passes` rounds of both or until nothing changes."""
     rule = RulePolicy(profile, deadline_ms, max_batch)
     policy = LearnedPolicy(rule)
     rng = random.Random(seed)
@@ -402,12 +423,34 @@ def train_learned(
 
     visits: dict[str, int] = {}
     best = start_value = objective(visits)
-    cells = sorted(visits, key=lambda c: -visits[c])[:max_cells]
     evaluations = 1
+    cells: list[str] = []
     for round_ in range(passes):
         changed = False
+        for bucket in [str(b) for b in range(len(RATE_BUCKETS) + 1)]:
+            current = policy.by_rate.pop(bucket, None)
+            for k in [None, *profile.ks]:
+                if k == current:
+                    continue
+                if k is None:
+                    policy.by_rate.pop(bucket, None)
+                else:
+                    policy.by_rate[bucket] = k
+                value = objective()
+                evaluations += 1
+                if value > best + 1e-9:
+                    best, current, changed = value, k, True
+            if current is None:
+                policy.by_rate.pop(bucket, None)
+            else:
+                policy.by_rate[bucket] = current
+        visits = {}
+        objective(visits)
+        evaluations += 1
+        cells = sorted(visits, key=lambda c: -visits[c])[:max_cells]
         for cell in cells:
-            current = policy.table.get(cell, int(cell.split(",")[0]))
+            fallback = policy.by_rate.get(cell.rsplit(",", 1)[1], int(cell.split(",")[0]))
+            current = policy.table.get(cell, fallback)
             for k in profile.ks:
                 if k == current:
                     continue
@@ -416,15 +459,16 @@ def train_learned(
                 evaluations += 1
                 if value > best + 1e-9:
                     best, current, changed = value, k, True
-            policy.table[cell] = current
+            if current == fallback:
+                policy.table.pop(cell, None)
+            else:
+                policy.table[cell] = current
         if log is not None:
             log(f"policy search round {round_ + 1}: mean utility {best:.5f}")
         if not changed:
             break
-    # keep only the cells that differ from the rule (the rule answers elsewhere)
-    policy.table = {c: k for c, k in policy.table.items() if k != int(c.split(",")[0])}
     policy.trained = {
-        "method": "policy search (coordinate ascent over the table, from the rule)",
+        "method": "policy search (coordinate ascent: rate buckets, then cells; from the rule)",
         "rates": rates,
         "duration_s": duration_s,
         "traces": len(traces),
@@ -511,4 +555,6 @@ def build_policy(
             f"train it again for this batch limit"
         )
     rule = RulePolicy(profile, stored["deadline_ms"], stored["max_batch"], stored["margin"])
-    return LearnedPolicy(rule, dict(stored["table"]), stored["trained"])
+    return LearnedPolicy(
+        rule, dict(stored["table"]), stored["trained"], dict(stored.get("by_rate", {}))
+    )

@@ -25,6 +25,7 @@ from hyperrouter.serve.engine import Engine, Sampling, Sequence
 from hyperrouter.serve.policies import (
     Profile,
     StaticPolicy,
+    capacity,
     save_policy,
     simulate,
     train_learned,
@@ -137,15 +138,6 @@ def measure_profile(
         max_tokens,
         machine_description(),
     )
-
-
-def capacity(profile: Profile, max_batch: int, k: int | None = None) -> float:
-    """Requests/s the profile serves at k (default E) with max_batch running requests."""
-    k = max(profile.ks) if k is None else k
-    per_request = profile.prefill_time_ms(k) + max(profile.max_tokens - 1, 0) * (
-        profile.one_step_ms(k, max_batch) / max_batch
-    )
-    return 1000.0 / max(per_request, 1e-9)
 
 
 def calibrate(
