@@ -37,7 +37,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--window", type=float, default=30.0, help="seconds per window")
     parser.add_argument("--json")
+    parser.add_argument("--threads", type=int, help="torch threads (default: the cores less one)")
     args = parser.parse_args()
+
+    from hyperrouter.cli import set_serving_threads
+
+    set_serving_threads(args.threads)
 
     from hyperrouter.serve import loadtest
     from hyperrouter.serve.app import Server, create_app

@@ -163,6 +163,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-batch", type=int, default=8)
     serve.add_argument("--max-wait-ms", type=float, default=5.0)
     serve.add_argument("--max-queue", type=int, default=64)
+    serve.add_argument("--threads", type=int, help=SERVING_THREADS_HELP)
     serve.add_argument("--max-tokens", type=int, help="default: the profile's")
     serve.add_argument("--prompt-tokens", type=int, help="default: the profile's")
     serve.add_argument("--policy-file", metavar="PATH", help="default RUN_DIR/serve/policy.json")
@@ -268,6 +269,25 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVING_THREADS_HELP = (
+    "torch threads of the model (default: the cores less one, at least 1; the HTTP server and "
+    "a local load generator need a core: on 2 cores, 2 threads served 2.5x fewer requests)"
+)
+
+
+def set_serving_threads(threads: int | None) -> int:
+    """torch's threads for serving: `threads`, or the cores less one (module docstring of
+    serve.app: the event loop must not fight the model's threads for the cores)."""
+    import torch
+
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 2) - 1)
+    if threads < 1:
+        raise HyperRouterError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -285,6 +305,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
     if args.duration <= 0 or args.duration > 600:
         raise HyperRouterError(f"--duration must be in (0, 600] seconds, got {args.duration}")
+    set_serving_threads(args.threads)
     from hyperrouter.train.checkpoint import run_folder
 
     run_dir = run_folder(args.run)
@@ -817,7 +838,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before 429 (64)")
     p.add_argument("--max-prompt", type=int, default=4096, help="prompt limit, bytes (4096)")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens (512)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, help=SERVING_THREADS_HELP)
     group = p.add_argument_group("train-policy")
     group.add_argument("--ks", type=_int_list, help="k values to choose from (default eval.top_ks)")
     group.add_argument("--prompt-tokens", type=int, default=64, help="profiled prompt (64)")
@@ -862,10 +883,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise HyperRouterError(f"{name} must be >= {low}, got {value}")
     if not args.deadline_ms > 0 or args.max_wait_ms < 0:
         raise HyperRouterError("--deadline-ms must be > 0 and --max-wait-ms >= 0")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_serving_threads(args.threads)
     from hyperrouter.train.checkpoint import run_folder
 
     run_dir = run_folder(target[0])

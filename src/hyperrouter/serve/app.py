@@ -13,6 +13,9 @@ the queue at that moment), prefills its prompt, and then runs every running requ
 one forward per step, so a new request never waits for a running one to end. Bad input gets a
 4xx with OpenAI's error shape naming the field; the server keeps answering. On shutdown the
 queue and the running requests are finished before the worker stops.
+The model's torch threads should leave a core to the event loop (`hyperrouter serve` takes the
+cores less one by default): on 2 cores, 2 torch threads beside the HTTP server and a load
+generator served 2.5x fewer requests than 1 (OpenMP threads spinning on shared cores).
 (No `from __future__ import annotations` here: FastAPI reads the handlers' annotations.)
 """
 
