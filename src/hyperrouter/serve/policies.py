@@ -19,7 +19,7 @@ and this request's max_tokens.
   the rule's k) and coordinate ascent changes one cell at a time when that raises the mean
   utility over a fixed set of simulated traffic traces (several rates, Poisson and bursty,
   common random numbers). Jha et al. train a Double DQN on the queue state; here the state has
-  at most 300 cells (few of them visited) and the objective can be evaluated directly, so
+  at most 525 cells (few of them visited) and the objective can be evaluated directly, so
   searching the policy itself optimises what is measured without a value function to fit, and
   it cannot end worse than the rule on the traces it was trained on. (The previous version,
   tabular Q-learning over queue x wait buckets, was worse than the best static k at every rate
@@ -47,7 +47,7 @@ POLICIES = ("static", "rule", "learned")
 POLICY_VERSION = 2
 WAITING_BUCKETS = (1, 2, 4, 8)  # upper edges of requests waiting (this one included): 5 buckets
 RUNNING_BUCKETS = (0.25, 0.75)  # running requests / max_batch: 3 buckets
-RATE_BUCKETS = (0.75, 1.25, 2.0)  # arrival rate / the profile's capacity at k = E: 4 buckets
+RATE_BUCKETS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # arrival rate / capacity at k = E: 7 buckets
 
 
 @dataclass
