@@ -405,6 +405,18 @@ def test_rule_policy_keeps_every_running_request_in_time() -> None:
         assert rule.fits(k, state) and not any(rule.fits(j, state) for j in (1, 2, 4) if j > k)
 
 
+def test_rule_policy_keeps_up_with_the_arrival_rate_and_the_queue() -> None:
+    p = profile()
+    p.sustained = {"1": 100.0, "2": 60.0, "4": 20.0}
+    rule = RulePolicy(p, deadline_ms=200.0, max_batch=8)
+    assert rule.choose(QueueState(1, 0.0, arrival_rate=15.0, max_tokens=5)) == 4
+    # 30/s is more than 0.9 x k = 4's sustained 20/s: k = 2 (0.9 x 60) keeps up
+    assert rule.choose(QueueState(1, 0.0, arrival_rate=30.0, max_tokens=5)) == 2
+    # 9 requests behind this one: at k = 4 they drain in 450 ms, at k = 2 in 150 ms + 36 ms
+    # for the last one's own request (> 180), at k = 1 in 90 + 18 ms
+    assert rule.choose(QueueState(10, 0.0, max_tokens=5)) == 1
+
+
 def test_simulator_matches_a_request_alone_and_queues_under_load() -> None:
     p = profile()
     p.overhead_ms = 3.0
@@ -460,7 +472,15 @@ def test_train_policy_command_and_serving_with_it(run_dir, capsys) -> None:
     prof = data["profile"]
     assert sorted(prof["step_ms"]) == sorted(prof["prefill_ms"]) == ["1", "2", "4"]
     assert prof["batch_sizes"] == [1, 2] and prof["scale"] > 0 and prof["overhead_ms"] >= 0
+    assert sorted(prof["sustained"]) == ["1", "2", "4"] and all(
+        rate > 0 for rate in prof["sustained"].values()
+    )
     assert {"server_p50_ms", "simulated_p50_ms", "rate"} <= set(prof["calibration"])
+    # learning again on the same profile (no measuring, no calibration)
+    assert main([*args, "--keep-profile"]) == 0
+    assert "calibration" not in capsys.readouterr().out
+    again = json.loads((run_dir / "serve" / "policy.json").read_text())
+    assert again["profile"] == prof
     from hyperrouter.serve.policies import build_policy
 
     policy_file = run_dir / "serve" / "policy.json"

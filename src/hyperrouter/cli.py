@@ -855,6 +855,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="fit the profile to the real server (loopback) with a load of this many seconds "
         "(10; 0: the engine's times as measured)",
     )
+    group.add_argument(
+        "--keep-profile",
+        action="store_true",
+        help="reuse the measured and fitted profile of the existing policy file; only learn again",
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -900,6 +905,16 @@ def _serve(args: argparse.Namespace) -> int:
         for k in ks:
             engine.check_k(k, "--ks")
         check_writable(policy_file, "--policy-file", folder=False)
+        kept = None
+        if args.keep_profile:
+            from hyperrouter.serve.policies import load_policy_file
+
+            _, kept = load_policy_file(policy_file)
+            bad = [k for k in kept.ks if not 1 <= k <= engine.num_experts]
+            if bad:
+                raise HyperRouterError(
+                    f"{policy_file}'s profile has k = {bad}, outside [1, {engine.num_experts}]"
+                )
         if args.calibrate < 0 or args.calibrate > 600:
             raise HyperRouterError(f"--calibrate must be in [0, 600] seconds, got {args.calibrate}")
         app_factory = None
@@ -938,6 +953,7 @@ def _serve(args: argparse.Namespace) -> int:
             passes=args.passes,
             calibrate_seconds=args.calibrate,
             app_factory=app_factory,
+            profile=kept,
         )
         profile = result["profile"]
         print(f"profile ({profile.machine}): prefill of {profile.prompt_tokens} tokens and one")
@@ -948,6 +964,8 @@ def _serve(args: argparse.Namespace) -> int:
             steps = " ".join(f"{t:>8.2f}" for t in profile.step_ms[str(k)])
             print(f"{k:>4} {profile.prefill_ms[str(k)]:>8.2f} {steps}")
         print(f"fitted: overhead {profile.overhead_ms:.1f} ms per request, scale {profile.scale:g}")
+        sustained = ", ".join(f"k={k} {profile.sustained[str(k)]:.1f}/s" for k in profile.ks)
+        print(f"simulated sustained rate (< 1 % misses): {sustained}")
         learned = result["learned"]
         print(
             f"policy search: mean simulated utility {learned.trained['utility_rule']:.4f} (rule) "

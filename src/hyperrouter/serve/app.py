@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hyperrouter.serve.engine import BadRequest, Engine, Sampling, Sequence
-from hyperrouter.serve.policies import Policy, QueueState
+from hyperrouter.serve.policies import RATE_WINDOW_S, Policy, QueueState, arrival_rate
 
 
 @dataclass
@@ -118,6 +118,7 @@ class Server:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self._arrivals: list[float] = []
+        self._first_arrival = 0.0
         self.active: list[Job] = []  # requests being generated (the worker's own)
         self.model_name = str(engine.run.folder)
 
@@ -134,7 +135,10 @@ class Server:
 
     def submit(self, job: Job) -> None:
         now = time.perf_counter()
-        self._arrivals = [t for t in self._arrivals if now - t < 5.0] + [now]
+        self._arrivals = [t for t in self._arrivals if now - t < RATE_WINDOW_S]
+        if not self._arrivals:  # the first arrival after a quiet spell starts the rate's span
+            self._first_arrival = now
+        self._arrivals.append(now)
         self.jobs.put_nowait(job)  # queue.Full -> 429
         self.metrics.queue.set(self.jobs.qsize())
 
@@ -174,13 +178,14 @@ class Server:
 
     def _state(self, job: Job, waiting: int) -> QueueState:
         now = time.perf_counter()
-        recent = [t for t in self._arrivals if now - t < 5.0]
+        recent = [t for t in self._arrivals if now - t < RATE_WINDOW_S]
+        rate = arrival_rate(recent, now, self._first_arrival)
         active = [
             (a.k_used, (now - a.arrived) * 1e3, a.seq.sampling.max_tokens - len(a.seq.out_ids))
             for a in self.active
         ]
         max_tokens = job.seq.sampling.max_tokens if job.seq is not None else 1
-        return QueueState(waiting, (now - job.arrived) * 1e3, len(recent) / 5.0, active, max_tokens)
+        return QueueState(waiting, (now - job.arrived) * 1e3, rate, active, max_tokens)
 
     def _admit(self, job: Job) -> None:
         """Choose k (pinned, or the policy's), then score the text or prefill the prompt and

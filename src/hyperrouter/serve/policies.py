@@ -47,6 +47,7 @@ POLICIES = ("static", "rule", "learned")
 POLICY_VERSION = 2
 WAITING_BUCKETS = (1, 2, 4, 8)  # upper edges of requests waiting (this one included): 5 buckets
 RUNNING_BUCKETS = (0.25, 0.75)  # running requests / max_batch: 3 buckets
+RATE_WINDOW_S = 3.0  # the arrival rate is measured over the last 3 s of arrivals
 RATE_BUCKETS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # arrival rate / capacity at k = E: 7 buckets
 
 
@@ -61,6 +62,13 @@ class QueueState:
     arrival_rate: float = 0.0
     active: list[tuple[int, float, int]] = field(default_factory=list)
     max_tokens: int = 1
+
+
+def arrival_rate(window: list[float], now_s: float, first_s: float) -> float:
+    """Requests/s over the last RATE_WINDOW_S seconds (`window`: the arrival times in it), or
+    over the time since the first arrival when that is shorter."""
+    span = min(RATE_WINDOW_S, max(now_s - first_s, 0.25))
+    return len(window) / span
 
 
 @dataclass
@@ -80,6 +88,14 @@ class Profile:
     overhead_ms: float = 0.0
     scale: float = 1.0
     calibration: dict[str, Any] = field(default_factory=dict)
+    sustained: dict[str, float] = field(default_factory=dict)  # str(k) -> requests/s, simulated
+
+    def sustained_rate(self, k: int, max_batch: int) -> float:
+        """The highest Poisson rate static k answers with < 1 % misses in simulation
+        (`train-policy` measures it), else the full-batch throughput bound."""
+        if str(k) in self.sustained:
+            return self.sustained[str(k)]
+        return capacity(self, max_batch, k)
 
     def one_step_ms(self, k: int, n: int) -> float:
         """A step of n requests at k, linear between the profiled n (beyond the largest, by
@@ -136,13 +152,15 @@ class StaticPolicy(Policy):
 
 @dataclass
 class RulePolicy(Policy):
-    """The largest k for which the profile predicts that this request and every running one
-    finish within margin x deadline (the smallest k when none does)."""
+    """The largest k for which the profile predicts that this request, every running one and
+    the queue behind it finish within margin x deadline, and whose sustained rate is at least
+    the arrival rate over rate_margin (the smallest k when none qualifies)."""
 
     profile: Profile
     deadline_ms: float
     max_batch: int
     margin: float = 0.9
+    rate_margin: float = 0.9
     kind = "rule"
 
     def fits(self, k: int, state: QueueState) -> bool:
@@ -157,6 +175,13 @@ class RulePolicy(Policy):
         mine = p.overhead_ms + state.wait_ms + prefill + max(state.max_tokens - 1, 0) * step
         if mine > limit:
             return False
+        sustained = p.sustained_rate(k, self.max_batch)
+        if state.arrival_rate > self.rate_margin * sustained:
+            return False  # k cannot keep up with the traffic: a queue would build
+        # the queue behind this request drains at k's sustained rate
+        backlog = 1000.0 * max(state.waiting - 1, 0) / max(sustained, 1e-9)
+        if backlog + p.request_ms(k, self.max_batch) > limit:
+            return False
         # the running requests wait for this prefill, then step at the new step time
         return all(
             p.overhead_ms + elapsed + prefill + left * step <= limit
@@ -170,7 +195,12 @@ class RulePolicy(Policy):
         return min(self.profile.ks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "deadline_ms": self.deadline_ms, "margin": self.margin}
+        return {
+            "kind": self.kind,
+            "deadline_ms": self.deadline_ms,
+            "margin": self.margin,
+            "rate_margin": self.rate_margin,
+        }
 
 
 def capacity(profile: Profile, max_batch: int, k: int | None = None) -> float:
@@ -194,12 +224,14 @@ def features(rule_k: int, state: QueueState, max_batch: int, full_rate: float) -
 @dataclass
 class LearnedPolicy(Policy):
     """The k of the state's cell in a learned table; where the table is silent, the learned k
-    of the arrival-rate bucket (`by_rate`), else the rule's k."""
+    for the rule's k in this arrival-rate bucket (`by_rate_rule`, keys 'rule k,rate bucket'),
+    else the learned k of the arrival-rate bucket (`by_rate`), else the rule's k."""
 
     rule: RulePolicy
     table: dict[str, int] = field(default_factory=dict)
     trained: dict[str, Any] = field(default_factory=dict)
     by_rate: dict[str, int] = field(default_factory=dict)  # rate bucket -> k
+    by_rate_rule: dict[str, int] = field(default_factory=dict)  # 'rule k,rate bucket' -> k
     kind = "learned"
 
     @property
@@ -219,7 +251,11 @@ class LearnedPolicy(Policy):
         cell, rule_k = self.cell(state)
         if cell in self.table:
             return self.table[cell]
-        return self.by_rate.get(cell.rsplit(",", 1)[1], rule_k)
+        rate = cell.rsplit(",", 1)[1]
+        pair = f"{rule_k},{rate}"
+        if pair in self.by_rate_rule:
+            return self.by_rate_rule[pair]
+        return self.by_rate.get(rate, rule_k)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -230,6 +266,7 @@ class LearnedPolicy(Policy):
             "margin": self.rule.margin,
             "table": self.table,
             "by_rate": self.by_rate,
+            "by_rate_rule": self.by_rate_rule,
             "trained": self.trained,
         }
 
@@ -322,12 +359,12 @@ def simulate(
             i += 1
         while waiting and len(active) < max_batch:
             arrived = waiting.pop(0)
-            while arrivals_window and now - arrivals_window[0] > 5000.0:
+            while arrivals_window and now - arrivals_window[0] > RATE_WINDOW_S * 1000.0:
                 arrivals_window.pop(0)
             state = QueueState(
                 len(waiting) + 1,
                 now - arrived,
-                len(arrivals_window) / 5.0,
+                arrival_rate(arrivals_window, now / 1000.0, times[0] / 1000.0),
                 [(int(a[0]), now - a[1], int(a[2])) for a in active],
                 tokens,
             )
@@ -377,6 +414,32 @@ def simulate(
     )
 
 
+def search_entry(
+    table: dict[str, int], key: str, ks: list[int], best: float, objective
+) -> tuple[bool, float, int]:
+    """Try every k (and no entry) for `table[key]`, keep the best if it beats `best`:
+    (changed, best, evaluations)."""
+    current = table.pop(key, None)
+    evaluations = 0
+    changed = False
+    for k in [None, *ks]:
+        if k == current:
+            continue
+        if k is None:
+            table.pop(key, None)
+        else:
+            table[key] = k
+        value = objective()
+        evaluations += 1
+        if value > best + 1e-9:
+            best, current, changed = value, k, True
+    if current is None:
+        table.pop(key, None)
+    else:
+        table[key] = current
+    return changed, best, evaluations
+
+
 def train_learned(
     profile: Profile,
     *,
@@ -392,8 +455,9 @@ def train_learned(
 ) -> LearnedPolicy:
     """Policy search from the rule, keeping a change only if the mean utility over the training
     traces (each rate Poisson and bursty, fixed seeds) rises: first one k for all the states of
-    an arrival-rate bucket (or the rule there), then, for the most visited cells in turn, every
-    other k; `passes` rounds of both or until nothing changes."""
+    an arrival-rate bucket (or the rule there), then one k for each of the rule's k within a
+    rate bucket, then, for the most visited cells in turn, every other k; `passes` rounds of
+    the three or until nothing changes."""
     rule = RulePolicy(profile, deadline_ms, max_batch)
     policy = LearnedPolicy(rule)
     rng = random.Random(seed)
@@ -421,35 +485,33 @@ def train_learned(
             ).mean_utility
         return total / len(traces)
 
+    ks = list(profile.ks)
     visits: dict[str, int] = {}
     best = start_value = objective(visits)
     evaluations = 1
     cells: list[str] = []
     for round_ in range(passes):
         changed = False
-        for bucket in [str(b) for b in range(len(RATE_BUCKETS) + 1)]:
-            current = policy.by_rate.pop(bucket, None)
-            for k in [None, *profile.ks]:
-                if k == current:
-                    continue
-                if k is None:
-                    policy.by_rate.pop(bucket, None)
-                else:
-                    policy.by_rate[bucket] = k
-                value = objective()
-                evaluations += 1
-                if value > best + 1e-9:
-                    best, current, changed = value, k, True
-            if current is None:
-                policy.by_rate.pop(bucket, None)
-            else:
-                policy.by_rate[bucket] = current
+        seen = sorted({c.rsplit(",", 1)[1] for c in visits})  # rate buckets met
+        for bucket in seen:
+            improved, best, used = search_entry(policy.by_rate, bucket, ks, best, objective)
+            changed, evaluations = changed or improved, evaluations + used
+        visits = {}
+        objective(visits)
+        evaluations += 1
+        pairs = sorted({f"{c.split(',')[0]},{c.rsplit(',', 1)[1]}" for c in visits})
+        for pair in pairs:  # (rule k, rate bucket) met
+            improved, best, used = search_entry(policy.by_rate_rule, pair, ks, best, objective)
+            changed, evaluations = changed or improved, evaluations + used
         visits = {}
         objective(visits)
         evaluations += 1
         cells = sorted(visits, key=lambda c: -visits[c])[:max_cells]
         for cell in cells:
-            fallback = policy.by_rate.get(cell.rsplit(",", 1)[1], int(cell.split(",")[0]))
+            rule_k, rate = cell.split(",")[0], cell.rsplit(",", 1)[1]
+            fallback = policy.by_rate_rule.get(
+                f"{rule_k},{rate}", policy.by_rate.get(rate, int(rule_k))
+            )
             current = policy.table.get(cell, fallback)
             for k in profile.ks:
                 if k == current:
@@ -468,7 +530,8 @@ def train_learned(
         if not changed:
             break
     policy.trained = {
-        "method": "policy search (coordinate ascent: rate buckets, then cells; from the rule)",
+        "method": "policy search from the rule (coordinate ascent: rate buckets, rule k per "
+        "rate bucket, cells)",
         "rates": rates,
         "duration_s": duration_s,
         "traces": len(traces),
@@ -554,7 +617,17 @@ def build_policy(
             f"{policy_file} was trained for --max-batch {stored['max_batch']}, not {max_batch}; "
             f"train it again for this batch limit"
         )
-    rule = RulePolicy(profile, stored["deadline_ms"], stored["max_batch"], stored["margin"])
+    rule = RulePolicy(
+        profile,
+        stored["deadline_ms"],
+        stored["max_batch"],
+        stored["margin"],
+        stored.get("rate_margin", 0.9),
+    )
     return LearnedPolicy(
-        rule, dict(stored["table"]), stored["trained"], dict(stored.get("by_rate", {}))
+        rule,
+        dict(stored["table"]),
+        stored["trained"],
+        dict(stored.get("by_rate", {})),
+        dict(stored.get("by_rate_rule", {})),
     )

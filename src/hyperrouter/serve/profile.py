@@ -237,6 +237,31 @@ def calibrate(
     return fitted
 
 
+def sustained_rates(
+    profile: Profile, *, deadline_ms: float, max_batch: int, max_queue: int, seconds: float = 30
+) -> dict[str, float]:
+    """Per k, the highest Poisson rate static k answers with < 1 % misses in the simulator
+    (bisection between 2 % and 2x the full-batch bound; 30 s of arrivals, one fixed trace)."""
+    out = {}
+    for k in profile.ks:
+        low, high = 0.02 * capacity(profile, max_batch, k), 2.0 * capacity(profile, max_batch, k)
+        for _ in range(14):
+            mid = (low + high) / 2
+            sim = simulate(
+                StaticPolicy(k),
+                profile,
+                rate=mid,
+                duration_s=seconds,
+                deadline_ms=deadline_ms,
+                max_batch=max_batch,
+                max_queue=max_queue,
+                seed=777,
+            )
+            low, high = (mid, high) if sim.miss_rate < 0.01 else (low, mid)
+        out[str(k)] = round(low, 3)
+    return out
+
+
 def train_policy(
     engine: Engine,
     *,
@@ -252,21 +277,27 @@ def train_policy(
     passes: int = 2,
     calibrate_seconds: float = 0.0,
     app_factory=None,
+    profile: Profile | None = None,
     seed: int = 0,
     log=print,
 ) -> dict[str, Any]:
-    """Profile, calibrate, learn, compare in simulation, save: the policy file and a summary."""
-    quality = run_quality(run_dir, ks)
-    sizes = sorted({1, *(2**i for i in range(1, int(math.log2(max_batch)) + 1)), max_batch})
-    profile = measure_profile(
-        engine,
-        ks,
-        sizes,
-        prompt_tokens=prompt_tokens,
-        max_tokens=max_tokens,
-        repeats=repeats,
-        quality=quality,
-    )
+    """Profile, calibrate, learn, compare in simulation, save: the policy file and a summary.
+    With `profile` (one measured before) only the learning and the comparison run again."""
+    if profile is None:
+        quality = run_quality(run_dir, ks)
+        sizes = sorted({1, *(2**i for i in range(1, int(math.log2(max_batch)) + 1)), max_batch})
+        profile = measure_profile(
+            engine,
+            ks,
+            sizes,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            repeats=repeats,
+            quality=quality,
+        )
+    else:
+        ks = list(profile.ks)
+        calibrate_seconds = 0.0
     if calibrate_seconds > 0 and app_factory is not None:
         profile = calibrate(
             app_factory,
@@ -278,6 +309,9 @@ def train_policy(
             seconds=calibrate_seconds,
             log=log,
         )
+    profile.sustained = sustained_rates(
+        profile, deadline_ms=deadline_ms, max_batch=max_batch, max_queue=max_queue
+    )
     full = capacity(profile, max_batch)
     # learned where a choice matters: from half of what k = E sustains to where k = 1 drowns
     top = max(2.0, 1.2 * capacity(profile, max_batch, min(ks)) / full)
