@@ -83,8 +83,11 @@ def measure_profile(
 
     gen = torch.Generator().manual_seed(0)
     vocab_ids = [i for i in range(len(engine.vocab)) if i != engine.vocab.unk_id]
-    prompt = [
-        vocab_ids[int(i)] for i in torch.randint(len(vocab_ids), (prompt_tokens,), generator=gen)
+    # a different prompt per request: requests that route alike would touch fewer experts than
+    # real traffic does, and the grouped kernels' cost grows with the experts touched
+    prompts = [
+        [vocab_ids[int(i)] for i in torch.randint(len(vocab_ids), (prompt_tokens,), generator=gen)]
+        for _ in range(max(batch_sizes))
     ]
     steps = max(max_tokens - 1, 1)
 
@@ -92,7 +95,7 @@ def measure_profile(
         out = []
         for i in range(n):
             g = torch.Generator().manual_seed(i)
-            out.append(Sequence(list(prompt), Sampling(max_tokens, 1.0, 1.0, [], i), g))
+            out.append(Sequence(list(prompts[i]), Sampling(max_tokens, 1.0, 1.0, [], i), g))
         return out
 
     def prefill_ms(k: int) -> float:
