@@ -248,17 +248,20 @@ class RelPartialLearnableAttention(nn.Module):
         next call) and the output comes with the keys and values of memory + segment."""
         qlen, bsz = w.shape[0], w.shape[1]
         n_head, d_head = self.n_head, self.d_head
+        no_memory = mems is None or mems.numel() == 0
+        # (built before q as it always was: autograd sums w's gradients in creation order, and
+        # the stored routing fixtures are bit-exact)
+        cat = None if kv_memory else (w if no_memory else torch.cat([mems, w], 0))
         # q only for the current segment (memory rows are keys and values, never queries): the
         # q rows and the k, v rows of qkv_net's weight as views, the parameters unchanged
         width = n_head * d_head
         weight = self.qkv_net.weight
         q = F.linear(w, weight[:width]).view(qlen, bsz, n_head, d_head)
-        no_memory = mems is None or mems.numel() == 0
-        if kv_memory:  # the memory's projections are reused, only the segment's are new
+        if cat is None:  # the memory's projections are reused, only the segment's are new
             rows = F.linear(w, weight[width:])
             kv_rows = rows if no_memory else torch.cat([mems, rows], 0)
         else:
-            kv_rows = F.linear(w if no_memory else torch.cat([mems, w], 0), weight[width:])
+            kv_rows = F.linear(cat, weight[width:])
         klen = kv_rows.shape[0]
         kv = kv_rows.view(klen, bsz, 2, n_head, d_head)
         q_BHQD = q.permute(1, 2, 0, 3)
