@@ -275,6 +275,25 @@ SERVING_THREADS_HELP = (
 )
 
 
+def _serving_app_factory(engine, args: argparse.Namespace):
+    """policy -> the FastAPI app of a `Server` on `engine` with the command's serving options."""
+    from hyperrouter.serve.app import Server, create_app
+
+    def app_factory(policy):
+        return create_app(
+            Server(
+                engine,
+                policy,
+                deadline_ms=args.deadline_ms,
+                max_batch=args.max_batch,
+                max_wait_ms=args.max_wait_ms,
+                max_queue=args.max_queue,
+            )
+        )
+
+    return app_factory
+
+
 def set_serving_threads(threads: int | None) -> int:
     """torch's threads for serving: `threads`, or the cores less one (module docstring of
     serve.app: the event loop must not fight the model's threads for the cores)."""
@@ -289,10 +308,8 @@ def set_serving_threads(threads: int | None) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    import torch
-
     try:
-        from hyperrouter.serve.app import Server, create_app
+        import hyperrouter.serve.app  # noqa: F401 (the serve extra must be installed)
     except ImportError as err:
         raise HyperRouterError(
             f"bench serve needs the serve extra ({err.name} is missing): "
@@ -301,6 +318,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     from hyperrouter.serve import loadtest
     from hyperrouter.serve.engine import Engine
     from hyperrouter.serve.policies import build_policy, load_policy_file
+    from hyperrouter.serve.profile import profile_prompts
     from hyperrouter.train.evaluate import load_trained
 
     if args.duration <= 0 or args.duration > 600:
@@ -334,26 +352,8 @@ def _bench_serve(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens or profile.max_tokens
     prompt_tokens = args.prompt_tokens or profile.prompt_tokens
     rates = list(args.rates) if args.rates else None
-    gen = torch.Generator().manual_seed(0)
-    symbols = [i for i in range(len(engine.vocab)) if i != engine.vocab.unk_id]
-    prompts = [
-        engine.vocab.decode(
-            symbols[int(i)] for i in torch.randint(len(symbols), (prompt_tokens,), generator=gen)
-        )
-        for _ in range(16)
-    ]
-    prompts = [p for p in prompts if _encodable(engine, p)] or ["the "]
-
-    def app_factory(policy):
-        server = Server(
-            engine,
-            policy,
-            deadline_ms=args.deadline_ms,
-            max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms,
-            max_queue=args.max_queue,
-        )
-        return create_app(server)
+    prompts = profile_prompts(engine, prompt_tokens)
+    app_factory = _serving_app_factory(engine, args)
 
     if rates is None:  # around what the real server sustains at k = E, closed loop
         server = loadtest.LocalServer(
@@ -408,14 +408,6 @@ def _bench_serve(args: argparse.Namespace) -> int:
     png = loadtest.write_outputs(records, meta, json_path)
     print(f"wrote {json_path}" + (f" and {png}" if png else ""))
     return 0
-
-
-def _encodable(engine, text: str) -> bool:
-    try:
-        engine.encode(text)
-    except HyperRouterError:
-        return False
-    return True
 
 
 def _bench_layer(args: argparse.Namespace) -> int:
@@ -920,24 +912,14 @@ def _serve(args: argparse.Namespace) -> int:
         app_factory = None
         if args.calibrate > 0:
             try:
-                from hyperrouter.serve.app import Server, create_app
+                import hyperrouter.serve.app  # noqa: F401 (the serve extra must be installed)
             except ImportError as err:
                 raise HyperRouterError(
                     f"--calibrate needs the serve extra ({err.name} is missing): "
                     f"bash scripts/setup.sh serve, or --calibrate 0"
                 ) from None
 
-            def app_factory(policy):
-                return create_app(
-                    Server(
-                        engine,
-                        policy,
-                        deadline_ms=args.deadline_ms,
-                        max_batch=args.max_batch,
-                        max_wait_ms=args.max_wait_ms,
-                        max_queue=args.max_queue,
-                    )
-                )
+            app_factory = _serving_app_factory(engine, args)
 
         result = train_policy(
             engine,
